@@ -1,0 +1,646 @@
+"""Model-based RL with a learned dynamics model and model-predictive control (MB-MPC, PETS).
+
+Algorithm (lecture: "Extension to model-based RL", "Model-predictive control", "Ensemble approach"):
+  1. run a random policy for a few episodes to collect D = {(s, a, r, s')};
+  2. repeat: fit f(s, a) -> (s' - s, r) on all of D (data aggregation);
+     plan an action sequence through f with CEM or random shooting, execute only its first action,
+     re-plan at the next state (MPC), add every real transition to D.
+With `--no-probabilistic --ensemble-size 1 --num-particles 1 --planner rs` this is Nagabandi et al. 2018
+("Neural Network Dynamics for Model-Based Deep RL", the lecture's objective sum ||f(s,a) - s'||^2);
+the defaults are PETS, Chua et al. 2018 ("Deep RL in a Handful of Trials using Probabilistic
+Dynamics Models"): 5 probabilistic members, trajectory sampling TS-inf with 20 particles, CEM.
+
+Headline benchmark (PETS HalfCheetah, 300 episodes of 1000 steps):  python mbrl_mpc.py
+Small CPU configuration (learns InvertedPendulum-v5 in ~3 episodes, a few minutes on 2 cores):
+  python mbrl_mpc.py --env-id InvertedPendulum-v5 --total-timesteps 2000 --trial-length 200 \
+      --population-size 100 --num-elites 10 --num-particles 5 --horizon 15 --cem-iterations 3
+
+Where this script differs from PETS (kchua/handful-of-trials) and why:
+  - Rewards are learned (an extra model output) instead of PETS's hand-written cost functions, and
+    observations are used as gymnasium v5 gives them (PETS turned the HalfCheetah angle into sin/cos),
+    so any continuous-action env works without per-env code. Only termination rules are per-env.
+  - Targets (s' - s, r) are normalised with the data's mean/std (PETS normalised inputs only), so each
+    output dimension weighs equally in the loss whatever its scale.
+  - 5 % of the data (at most 5000 transitions) is held out to log `model/holdout_mse`; PETS trained on all.
+  - CEM smooths the variance as well as the mean (alpha * old + (1 - alpha) * new). The upstream TF code
+    had `alpha * new_var + (1 - alpha) * new_var` (handful-of-trials issue #4, fixed by the authors).
+  - Particle p is assigned to member p mod E (PETS: p // (P/E)); both are fixed over the horizon and,
+    since particles of a candidate are exchangeable, give the same distribution of returns.
+  - Checkpoints are written at episode ends (a crash loses at most the current episode).
+Speed (2-core CPU, see benchmarks/README.md for commands and the side-by-side mbrl-lib figures).
+"""
+
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+SCRIPT = "mbrl_mpc"
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`"""
+    track: bool = False
+    """log the same scalars to Weights & Biases"""
+    wandb_project_name: str = "mbrl-reference"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team)"""
+    capture_video: bool = False
+    """record the evaluation episodes to runs/{run_name}/videos (needs moviepy, MUJOCO_GL=egl headless)"""
+    save_model: bool = True
+    """write runs/{run_name}/mbrl_mpc.pt every `checkpoint_every` steps (at episode ends) and at the end"""
+    checkpoint_every: int = 1000
+    """env steps between checkpoints (checked at episode ends)"""
+    resume: Optional[str] = None
+    """path of a mbrl_mpc.pt checkpoint to continue from (its flags are kept, except run-control ones)"""
+    env_id: str = "HalfCheetah-v5"
+    """gymnasium id of a continuous-action environment with vector observations"""
+    total_timesteps: int = 300_000
+    """real environment steps, random warm-up included (PETS HalfCheetah: 300 trials of 1000)"""
+    eval_episodes: int = 1
+    """MPC episodes after training whose data are not added to D (logged as eval/return)"""
+    trial_length: Optional[int] = None
+    """episode cap in steps; default: the environment's own limit (1000 for HalfCheetah, as PETS)"""
+
+    # Dynamics model (PETS, handful-of-trials config/halfcheetah.py)
+    ensemble_size: int = 5
+    """number of bootstrapped members E"""
+    probabilistic: bool = True
+    """Gaussian outputs + NLL (PETS); `--no-probabilistic` fits the mean with squared error (Nagabandi)"""
+    hidden_size: int = 200
+    """units per hidden layer"""
+    num_hidden_layers: int = 4
+    """hidden layers (SiLU/swish)"""
+    weight_decays: Optional[tuple[float, ...]] = None
+    """L2 coefficient per weight layer (num_hidden_layers + 1 values), loss += wd * ||W||^2 / 2;
+    default PETS's (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4), with 7.5e-5 for any further hidden layer"""
+    model_lr: float = 1e-3
+    """Adam learning rate of the model"""
+    model_batch_size: int = 32
+    """minibatch size of model training"""
+    model_epochs: int = 5
+    """passes over each member's bootstrap per training iteration"""
+    holdout_ratio: float = 0.05
+    """fraction of D held out to measure the model (at most 5000 transitions)"""
+    init_random_episodes: int = 1
+    """episodes of uniform random actions before the first model is trained"""
+
+    # Planner (PETS CEM; Nagabandi random shooting used K=1000, H=20)
+    planner: Literal["cem", "rs"] = "cem"
+    """`cem` (cross-entropy method) or `rs` (random shooting)"""
+    horizon: int = 30
+    """planning horizon H"""
+    population_size: int = 500
+    """candidate action sequences per CEM iteration (K for random shooting)"""
+    num_elites: int = 50
+    """best candidates that refit the CEM distribution"""
+    cem_iterations: int = 5
+    """CEM iterations per action"""
+    cem_alpha: float = 0.1
+    """CEM smoothing: new = alpha * old + (1 - alpha) * elite statistic"""
+    num_particles: int = 20
+    """TS-inf particles per candidate (a multiple of ensemble_size)"""
+
+
+RUN_CONTROL_FIELDS = ("resume", "total_timesteps", "device", "track", "wandb_project_name", "wandb_entity",
+                      "capture_video", "save_model", "checkpoint_every", "eval_episodes")
+"""Flags a resumed run takes from the command line; every other flag comes from the checkpoint."""
+
+
+class ConfigError(ValueError):
+    """A bad flag, environment or checkpoint: the message is one line saying what to do."""
+
+
+def check_args(args: Args) -> None:
+    positive = ["total_timesteps", "ensemble_size", "hidden_size", "num_hidden_layers", "model_batch_size",
+                "model_epochs", "horizon", "population_size", "num_elites", "cem_iterations", "num_particles",
+                "checkpoint_every"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["eval_episodes", "init_random_episodes"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.trial_length is not None and args.trial_length <= 0:
+        raise ConfigError(f"--trial-length must be positive, got {args.trial_length}")
+    if args.planner == "cem" and args.num_elites > args.population_size:
+        raise ConfigError(f"--num-elites ({args.num_elites}) cannot exceed --population-size ({args.population_size})")
+    if args.num_particles % args.ensemble_size:
+        raise ConfigError(f"--num-particles ({args.num_particles}) must be a multiple of --ensemble-size "
+                          f"({args.ensemble_size}): each member propagates the same number of particles")
+    if args.weight_decays is not None and len(args.weight_decays) != args.num_hidden_layers + 1:
+        raise ConfigError(f"--weight-decays needs {args.num_hidden_layers + 1} values (one per layer), "
+                          f"got {len(args.weight_decays)}")
+    if not 0.0 <= args.holdout_ratio < 1.0:
+        raise ConfigError(f"--holdout-ratio must be in [0, 1), got {args.holdout_ratio}")
+    if not 0.0 <= args.cem_alpha < 1.0:
+        raise ConfigError(f"--cem-alpha must be in [0, 1), got {args.cem_alpha}")
+    if args.model_lr <= 0:
+        raise ConfigError(f"--model-lr must be positive, got {args.model_lr}")
+
+
+def layer_weight_decays(args: Args) -> tuple[float, ...]:
+    if args.weight_decays is not None:
+        return tuple(args.weight_decays)
+    hidden = ((2.5e-5, 5e-5) + (7.5e-5,) * max(args.num_hidden_layers - 2, 0))[:args.num_hidden_layers]
+    return hidden + (1e-4,)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment and termination rules
+# ----------------------------------------------------------------------------------------------------
+def make_env(env_id: str, trial_length: Optional[int] = None, video_folder: Optional[str] = None) -> gym.Env:
+    try:
+        env = gym.make(env_id, max_episode_steps=trial_length,
+                       render_mode="rgb_array" if video_folder else None)
+    except gym.error.Error as err:
+        raise ConfigError(f"unknown environment '{env_id}' ({err}); use a gymnasium id such as HalfCheetah-v5")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        env.close()
+        raise ConfigError(f"{env_id} has {type(env.action_space).__name__} actions; mbrl_mpc.py plans "
+                          "continuous (Box) actions only, use e.g. InvertedPendulum-v5 or HalfCheetah-v5")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        env.close()
+        raise ConfigError(f"{env_id} observations are {env.observation_space}; mbrl_mpc.py needs flat state "
+                          "vectors (for pixels use dreamer_latent.py)")
+    if video_folder:
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
+    return env
+
+
+# Termination rules of gymnasium v5 MuJoCo envs, written for their observation layout (x, y excluded),
+# applied to predicted next observations [..., obs_dim] -> bool [...]. Time-limit truncation is not here.
+def hopper_terminated(obs):  # obs = [z, angle, joints..., clipped qvel]; healthy state: obs[1:] in (-100, 100)
+    healthy = (obs[..., 1:].abs() < 100).all(-1) & (obs[..., 0] > 0.7) & (obs[..., 1].abs() < 0.2)
+    return ~(healthy & torch.isfinite(obs).all(-1))
+
+
+def walker2d_terminated(obs):  # obs = [z, angle, ...]
+    z, angle = obs[..., 0], obs[..., 1]
+    return ~((z > 0.8) & (z < 2.0) & (angle > -1.0) & (angle < 1.0))
+
+
+def ant_terminated(obs):  # obs = [z, quaternion, ...]; gymnasium checks the whole state is finite
+    return ~(torch.isfinite(obs).all(-1) & (obs[..., 0] >= 0.2) & (obs[..., 0] <= 1.0))
+
+
+def humanoid_terminated(obs):  # obs = [z, ...]
+    return ~((obs[..., 0] > 1.0) & (obs[..., 0] < 2.0))
+
+
+def inverted_pendulum_terminated(obs):  # obs = [cart x, pole angle, velocities]
+    return ~(torch.isfinite(obs).all(-1) & (obs[..., 1].abs() <= 0.2))
+
+
+def inverted_double_pendulum_terminated(obs):  # obs = [x, sin q1, sin q2, cos q1, cos q2, ...]
+    # tip height y = 0.6 cos(q1) + 0.6 cos(q1 + q2) (two 0.6 m poles on the cart); done when y <= 1
+    sin1, sin2, cos1, cos2 = obs[..., 1], obs[..., 2], obs[..., 3], obs[..., 4]
+    return 0.6 * cos1 + 0.6 * (cos1 * cos2 - sin1 * sin2) <= 1.0
+
+
+TERMINATION_RULES: dict[str, Optional[Callable[[torch.Tensor], torch.Tensor]]] = {
+    "Hopper-v5": hopper_terminated, "Walker2d-v5": walker2d_terminated, "Ant-v5": ant_terminated,
+    "Humanoid-v5": humanoid_terminated, "InvertedPendulum-v5": inverted_pendulum_terminated,
+    "InvertedDoublePendulum-v5": inverted_double_pendulum_terminated,
+    # these never terminate
+    "HalfCheetah-v5": None, "Reacher-v5": None, "Swimmer-v5": None, "Pusher-v5": None,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dynamics model: E MLPs as one batched module, weights [E, in, out]
+# ----------------------------------------------------------------------------------------------------
+class DynamicsEnsemble(nn.Module):
+    """f_e(s, a) -> (s' - s, r), e = 1..E, in normalised units; Gaussian outputs when probabilistic."""
+
+    def __init__(self, obs_dim: int, act_dim: int, ensemble_size: int, hidden_size: int,
+                 num_hidden_layers: int, probabilistic: bool):
+        super().__init__()
+        self.obs_dim, self.probabilistic = obs_dim, probabilistic
+        in_dim, self.out_dim = obs_dim + act_dim, obs_dim + 1
+        sizes = [in_dim] + [hidden_size] * num_hidden_layers + [self.out_dim * (2 if probabilistic else 1)]
+        # PETS initialisation: truncated normal with std 1 / (2 sqrt(fan_in)), zero biases
+        self.weights = nn.ParameterList(
+            nn.Parameter(nn.init.trunc_normal_(torch.empty(ensemble_size, i, o), std=1 / (2 * i**0.5)))
+            for i, o in zip(sizes[:-1], sizes[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(ensemble_size, 1, o)) for o in sizes[1:])
+        if probabilistic:  # learned soft bounds on the log-variance (PETS appendix A.1)
+            self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
+            self.min_logvar = nn.Parameter(torch.full((self.out_dim,), -10.0))
+        # normalisation statistics of the data are part of the model (saved in checkpoints)
+        for name, dim in [("input_mean", in_dim), ("input_std", in_dim), ("target_mean", self.out_dim),
+                          ("target_std", self.out_dim)]:
+            self.register_buffer(name, torch.zeros(dim) if name.endswith("mean") else torch.ones(dim))
+
+    @property
+    def ensemble_size(self) -> int:
+        return self.weights[0].shape[0]
+
+    def set_normalizers(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        for (mean, std), data in [((self.input_mean, self.input_std), inputs),
+                                  ((self.target_mean, self.target_std), targets)]:
+            mean.copy_(data.mean(0))
+            std.copy_(data.std(0).clamp_min(1e-6))  # constant dimensions (PETS: sigma < 1e-12 -> 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: normalised inputs [E, N, in] -> mean [E, N, out], log-variance [E, N, out] or None."""
+        inplace = not torch.is_grad_enabled()  # planning: no autograd, reuse buffers
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)  # one batched matmul for all members, bias fused
+            if i < last:
+                x = F.silu(x, inplace=inplace)
+        if not self.probabilistic:
+            return x, None
+        mean, logvar = x.split(self.out_dim, dim=-1)
+        # soft bounds: logvar stays in (min_logvar, max_logvar) with gradients everywhere
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw obs [E, N, o], act [E, N, a] -> next obs [E, N, o], reward [E, N] (sampled or mean)."""
+        x = (torch.cat([obs, act], dim=-1) - self.input_mean) / self.input_std
+        mean, logvar = self(x)
+        if sample and logvar is not None:
+            mean = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        out = mean * self.target_std + self.target_mean
+        return obs + out[..., :-1], out[..., -1]
+
+
+def model_loss(model: DynamicsEnsemble, x: torch.Tensor, y: torch.Tensor, weight_decays) -> torch.Tensor:
+    """PETS loss summed over members: Gaussian NLL (or squared error) + bound penalty + L2 per layer."""
+    mean, logvar = model(x)
+    if logvar is None:  # Nagabandi / the lecture: sum ||f(s, a) - (s' - s)||^2 in normalised units
+        loss = (mean - y).pow(2).mean(dim=(1, 2)).sum()
+    else:  # -log N(y | mean, exp(logvar)) up to constants and a factor 1/2
+        loss = ((mean - y).pow(2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2)).sum()
+        loss = loss + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+    for wd, weight in zip(weight_decays, model.weights):
+        loss = loss + wd * 0.5 * weight.pow(2).sum()
+    return loss
+
+
+def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, data: dict[str, np.ndarray],
+                args: Args, device: torch.device) -> dict[str, float]:
+    """Fit every member on its own bootstrap of D for `model_epochs` epochs; measure on a held-out split."""
+    obs, act, next_obs, rew = (torch.as_tensor(data[k], device=device) for k in ("obs", "act", "next_obs", "rew"))
+    inputs = torch.cat([obs, act], dim=-1)
+    targets = torch.cat([next_obs - obs, rew[:, None]], dim=-1)
+    n = len(inputs)
+    order = torch.randperm(n, device=device)
+    n_holdout = min(int(args.holdout_ratio * n), 5000)
+    holdout, train = order[:n_holdout], order[n_holdout:]
+    model.set_normalizers(inputs[train], targets[train])
+    x_all = (inputs - model.input_mean) / model.input_std
+    y_all = (targets - model.target_mean) / model.target_std
+    E, n_train = model.ensemble_size, len(train)
+    weight_decays = layer_weight_decays(args)
+    bootstrap = train[torch.randint(n_train, (E, n_train), device=device)]  # [E, n_train], with replacement
+    losses = []
+    for _ in range(args.model_epochs):
+        shuffled = bootstrap.gather(1, torch.argsort(torch.rand(E, n_train, device=device), dim=1))
+        for start in range(0, n_train, args.model_batch_size):
+            idx = shuffled[:, start:start + args.model_batch_size]  # [E, B]
+            loss = model_loss(model, x_all[idx], y_all[idx], weight_decays)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+    metrics = {"model/train_loss": torch.stack(losses).mean().item()} if losses else {}
+    if n_holdout:
+        with torch.no_grad():
+            mean, logvar = model(x_all[holdout].expand(E, -1, -1))
+            y = y_all[holdout]
+            metrics["model/holdout_mse"] = (mean - y).pow(2).mean().item()  # normalised units, all members
+            if logvar is not None:
+                metrics["model/holdout_nll"] = ((mean - y).pow(2) * torch.exp(-logvar) + logvar).mean().item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planning: trajectory sampling (TS-inf), CEM, random shooting
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def trajectory_sampling_returns(model: DynamicsEnsemble, obs: torch.Tensor, actions: torch.Tensor,
+                                num_particles: int, termination_fn=None) -> torch.Tensor:
+    """Expected return of each candidate sequence actions [N, H, A] from obs [o] (PETS TS-inf).
+
+    All candidates x particles x members are one tensor [E, N * P/E, .]: particle p of a candidate
+    uses member p mod E for the whole horizon. A particle that terminates stops collecting reward.
+    """
+    E = model.ensemble_size
+    N, H, A = actions.shape
+    per_member = num_particles // E
+    state = obs.expand(E, N * per_member, obs.shape[-1])
+    # [N, H, A] -> [H, E, N * P/E, A] once, so every step reads one contiguous slice
+    step_actions = actions.permute(1, 0, 2)[:, None, :, None, :].expand(H, E, N, per_member, A)
+    step_actions = step_actions.reshape(H, E, N * per_member, A)
+    returns = torch.zeros(E, N * per_member, device=obs.device)
+    alive = torch.ones_like(returns)
+    for t in range(H):
+        state, reward = model.predict(state, step_actions[t], sample=True)
+        returns += alive * reward
+        if termination_fn is not None:
+            alive = alive * ~termination_fn(state)
+    returns = returns.view(E, N, per_member)
+    returns = torch.where(torch.isnan(returns), -1e6, returns)  # PETS: a diverged particle costs 1e6
+    return returns.mean(dim=(0, 2))
+
+
+@torch.no_grad()
+def cem_plan(evaluate: Callable[[torch.Tensor], torch.Tensor], init_mean: torch.Tensor,
+             action_low: torch.Tensor, action_high: torch.Tensor, population_size: int, num_elites: int,
+             iterations: int, alpha: float) -> torch.Tensor:
+    """Cross-entropy method over sequences [H, A] (PETS): returns the final mean of the sampling distribution.
+
+    Samples are a truncated normal (+-2 std) whose variance is capped so that mean +- 2 std stays
+    inside the action bounds; the mean and variance are smoothed with `alpha`.
+    """
+    mean = init_mean.clone()
+    var = ((action_high - action_low) ** 2 / 16).expand_as(mean).clone()
+    for _ in range(iterations):
+        bound_var = torch.minimum((mean - action_low) / 2, (action_high - mean) / 2).pow(2)
+        std = torch.minimum(var, bound_var).sqrt()
+        noise = nn.init.trunc_normal_(torch.empty(population_size, *mean.shape, device=mean.device), a=-2, b=2)
+        samples = mean + std * noise
+        elites = samples[torch.topk(evaluate(samples), num_elites).indices]
+        mean = alpha * mean + (1 - alpha) * elites.mean(0)
+        var = alpha * var + (1 - alpha) * elites.var(0, unbiased=False)
+    return mean
+
+
+@torch.no_grad()
+def random_shooting_plan(evaluate: Callable[[torch.Tensor], torch.Tensor], horizon: int,
+                         action_low: torch.Tensor, action_high: torch.Tensor, population_size: int) -> torch.Tensor:
+    """Random shooting (Nagabandi 2018): the best of K uniform sequences [H, A]."""
+    u = torch.rand(population_size, horizon, action_low.shape[-1], device=action_low.device)
+    samples = action_low + u * (action_high - action_low)
+    return samples[torch.argmax(evaluate(samples))]
+
+
+class MPCController:
+    """Re-plans at every real step and executes the first action; CEM starts from the shifted last plan."""
+
+    def __init__(self, model: DynamicsEnsemble, args: Args, action_low: torch.Tensor, action_high: torch.Tensor,
+                 termination_fn):
+        self.model, self.args, self.termination_fn = model, args, termination_fn
+        self.action_low, self.action_high = action_low, action_high
+        self.reset()
+
+    def reset(self) -> None:
+        mid = (self.action_low + self.action_high) / 2
+        self.plan = mid.expand(self.args.horizon, -1).clone()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        args = self.args
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.action_low.device)
+
+        def evaluate(candidates):
+            return trajectory_sampling_returns(self.model, obs_t, candidates, args.num_particles, self.termination_fn)
+
+        if args.planner == "cem":
+            plan = cem_plan(evaluate, self.plan, self.action_low, self.action_high, args.population_size,
+                            args.num_elites, args.cem_iterations, args.cem_alpha)
+            self.plan = torch.cat([plan[1:], (self.action_low + self.action_high)[None] / 2])
+        else:
+            plan = random_shooting_plan(evaluate, args.horizon, self.action_low, self.action_high,
+                                        args.population_size)
+        return plan[0].cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data, episodes, checkpoints
+# ----------------------------------------------------------------------------------------------------
+def run_episode(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], max_steps: int) -> dict:
+    """One episode (cut at `max_steps`); returns its transitions, return, length and ms per action."""
+    obs, _ = env.reset()
+    traj = {"obs": [], "act": [], "next_obs": [], "rew": []}
+    episode_return, plan_seconds = 0.0, 0.0
+    for _ in range(max_steps):
+        start = time.perf_counter()
+        action = policy(obs.astype(np.float32))
+        plan_seconds += time.perf_counter() - start
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for key, value in zip(traj, (obs, action, next_obs, reward)):
+            traj[key].append(value)
+        episode_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:
+            break
+    length = len(traj["rew"])
+    data = {k: np.asarray(v, dtype=np.float32) for k, v in traj.items()}
+    return {"data": data, "return": episode_return, "length": length, "plan_ms": 1e3 * plan_seconds / length}
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: str, args: Args) -> tuple[dict, Args]:
+    """Read a checkpoint of this script; the run continues with its flags except the run-control ones."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ConfigError(f"--resume {path} is not a readable checkpoint ({type(err).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
+        raise ConfigError(f"--resume {path} was written by {writer}, not {SCRIPT}.py; resume it with that script")
+    if ckpt["args"]["env_id"] != args.env_id:
+        raise ConfigError(f"--resume {path} is a run on {ckpt['args']['env_id']}, not --env-id {args.env_id}; "
+                          f"pass --env-id {ckpt['args']['env_id']}")
+    saved = {f.name: ckpt["args"][f.name] for f in fields(Args) if f.name not in RUN_CONTROL_FIELDS}
+    if saved["weight_decays"] is not None:
+        saved["weight_decays"] = tuple(saved["weight_decays"])
+    return ckpt, replace(args, **saved)
+
+
+class Logger:
+    """TensorBoard (+ optional W&B) scalars and a one-line progress display on a terminal."""
+
+    def __init__(self, run_dir: str, run_name: str, args: Args):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(run_dir)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                                    name=run_name, sync_tensorboard=True, resume="allow", id=run_name)
+        self.tty = sys.stdout.isatty()
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def progress(self, step: int, total: int, sps: float, last_return: float) -> None:
+        if self.tty:
+            eta = (total - step) / max(sps, 1e-9)
+            print(f"\rstep {step}/{total}  SPS {sps:.1f}  return {last_return:.1f}  ETA {eta / 60:.0f} min",
+                  end="", flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print()
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    check_args(args)
+    ckpt = None
+    if args.resume:
+        ckpt, args = load_checkpoint(args.resume, args)
+        check_args(args)
+    device = pick_device(args.device)
+    for wanted, module in [(args.capture_video, "moviepy"), (args.track, "wandb")]:
+        if wanted and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--{'capture-video' if module == 'moviepy' else 'track'} needs {module}: "
+                              f"pip install {module}")
+    env = make_env(args.env_id, args.trial_length)
+    if args.env_id not in TERMINATION_RULES:
+        print(f"note: no termination rule known for {args.env_id}; planning assumes it never terminates",
+              file=sys.stderr)
+    termination_fn = TERMINATION_RULES.get(args.env_id)
+    max_episode_steps = env.spec.max_episode_steps or 1000
+
+    run_name = ckpt["run_name"] if ckpt else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    logger = Logger(run_dir, run_name, args)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    env.reset(seed=args.seed)
+    action_rng = np.random.default_rng(args.seed)  # the random warm-up policy
+
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    model = DynamicsEnsemble(obs_dim, act_dim, args.ensemble_size, args.hidden_size, args.num_hidden_layers,
+                             args.probabilistic).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
+    low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
+    controller = MPCController(model, args, torch.as_tensor(low, device=device), torch.as_tensor(high, device=device),
+                               termination_fn)
+
+    data: dict[str, np.ndarray] = {k: np.zeros((0, d), np.float32)
+                                   for k, d in [("obs", obs_dim), ("act", act_dim), ("next_obs", obs_dim)]}
+    data["rew"] = np.zeros(0, np.float32)
+    global_step, episode, elapsed, returns, lengths = 0, 0, 0.0, [], []
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        data = ckpt["data"]
+        global_step, episode, elapsed = ckpt["global_step"], ckpt["episode"], ckpt["elapsed"]
+        returns, lengths = ckpt["returns"], ckpt["lengths"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        action_rng.bit_generator.state = ckpt["rng"]["actions"]
+        env.unwrapped.np_random.bit_generator.state = ckpt["rng"]["env"]
+        print(f"resumed {run_name} at step {global_step} (episode {episode})")
+
+    ckpt_path = os.path.join(run_dir, f"{SCRIPT}.pt")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "script": SCRIPT, "args": asdict(args), "run_name": run_name, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "data": data, "global_step": global_step, "episode": episode,
+            "elapsed": elapsed, "returns": returns, "lengths": lengths,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "actions": action_rng.bit_generator.state, "env": env.unwrapped.np_random.bit_generator.state}})
+
+    last_checkpoint_step, model_metrics = global_step, {}
+    while global_step < args.total_timesteps:
+        start = time.perf_counter()
+        planning = episode >= args.init_random_episodes
+        if not planning:
+            policy = lambda _obs: action_rng.uniform(low, high).astype(np.float32)  # noqa: E731
+        else:
+            model.train()
+            model_metrics = train_model(model, optimizer, data, args, device)
+            model.eval()
+            controller.reset()
+            policy = controller.act
+        result = run_episode(env, policy, min(max_episode_steps, args.total_timesteps - global_step))
+        data = {k: np.concatenate([data[k], result["data"][k]]) for k in data}  # aggregation
+        global_step += result["length"]
+        episode += 1
+        returns.append(result["return"])
+        lengths.append(result["length"])
+        elapsed += time.perf_counter() - start
+        sps = global_step / elapsed
+        metrics = {"charts/episodic_return": result["return"], "charts/episodic_length": result["length"],
+                   "charts/SPS": sps, **model_metrics}
+        if planning:
+            metrics["time/plan_ms"] = result["plan_ms"]
+        logger.scalars(metrics, global_step)
+        logger.progress(global_step, args.total_timesteps, sps, result["return"])
+        if args.save_model and (global_step - last_checkpoint_step >= args.checkpoint_every
+                                or global_step >= args.total_timesteps):
+            checkpoint()
+            last_checkpoint_step = global_step
+
+    eval_returns = []
+    if args.eval_episodes:
+        eval_env = make_env(args.env_id, args.trial_length,
+                            os.path.join(run_dir, "videos") if args.capture_video else None)
+        eval_env.reset(seed=args.seed + 10_000)
+        model.eval()
+        for _ in range(args.eval_episodes):
+            controller.reset()
+            eval_returns.append(run_episode(eval_env, controller.act, max_episode_steps)["return"])
+        eval_env.close()
+        logger.scalars({"eval/return": float(np.mean(eval_returns))}, global_step)
+    logger.close()
+    env.close()
+    return {"run_dir": run_dir, "global_step": global_step, "episodic_returns": returns, "episodic_lengths": lengths,
+            "eval_return": float(np.mean(eval_returns)) if eval_returns else None, **model_metrics}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

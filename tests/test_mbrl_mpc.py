@@ -1,0 +1,248 @@
+"""Tests of mbrl_mpc.py: planners on a problem with a known optimum, the ensemble on known functions,
+termination rules against the environments, smoke/resume/determinism, bad input, and learning."""
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import mbrl_mpc as mpc
+from conftest import ROOT
+
+# ----------------------------------------------------------------------------------------------------
+# Planners on a linear system with quadratic cost: x' = A x + B u, r = -(|x'|^2 + 0.1 u^2)
+# The return is a concave quadratic of the action sequence U, so U* = argmax is a linear solve.
+# ----------------------------------------------------------------------------------------------------
+A = torch.tensor([[1.0, 0.2], [0.0, 1.0]])
+B = torch.tensor([[0.0], [0.5]])
+X0 = torch.tensor([0.6, -0.3])
+H = 3
+
+
+def lq_returns(actions: torch.Tensor) -> torch.Tensor:  # actions [N, H, 1] -> returns [N]
+    x = X0.expand(actions.shape[0], 2)
+    total = torch.zeros(actions.shape[0])
+    for t in range(actions.shape[1]):
+        x = x @ A.T + actions[:, t] @ B.T
+        total -= x.pow(2).sum(-1) + 0.1 * actions[:, t, 0].pow(2)
+    return total
+
+
+def lq_optimum() -> torch.Tensor:
+    # x_t = A^t x0 + sum_k A^(t-1-k) B u_k  ->  stacked states = G U + h;  J = -(|G U + h|^2 + 0.1 |U|^2)
+    G = torch.zeros(2 * H, H)
+    h = torch.zeros(2 * H)
+    for t in range(1, H + 1):
+        h[2 * (t - 1):2 * t] = torch.linalg.matrix_power(A, t) @ X0
+        for k in range(t):
+            G[2 * (t - 1):2 * t, k] = (torch.linalg.matrix_power(A, t - 1 - k) @ B)[:, 0]
+    return torch.linalg.solve(G.T @ G + 0.1 * torch.eye(H), -G.T @ h)
+
+
+def test_planners_recover_the_lq_optimum_and_cem_beats_random_shooting():
+    u_star = lq_optimum()
+    assert u_star.abs().max() < 0.8  # the optimum is inside the bounds, so bounded planners can reach it
+    best = lq_returns(u_star.view(1, H, 1)).item()
+    low, high = -torch.ones(1), torch.ones(1)
+    torch.manual_seed(0)
+    cem = mpc.cem_plan(lq_returns, torch.zeros(H, 1), low, high, population_size=100, num_elites=10,
+                       iterations=5, alpha=0.1)
+    rs = mpc.random_shooting_plan(lq_returns, H, low, high, population_size=500)  # same 500 evaluations
+    assert torch.allclose(cem[:, 0], u_star, atol=0.05), (cem[:, 0], u_star)
+    assert abs(rs[0, 0] - u_star[0]) < 0.3, (rs[:, 0], u_star)
+    regret_cem = best - lq_returns(cem[None]).item()
+    regret_rs = best - lq_returns(rs[None]).item()
+    regret_random = best - lq_returns(torch.rand(1000, H, 1) * 2 - 1).mean().item()
+    assert regret_cem < regret_rs < 0.1 * regret_random, (regret_cem, regret_rs, regret_random)
+
+
+def test_cem_samples_stay_within_action_bounds():
+    low, high = torch.tensor([-0.5, 0.0]), torch.tensor([0.5, 2.0])
+    seen = []
+
+    def record(samples):
+        seen.append(samples)
+        return -samples.sum(dim=(1, 2))
+
+    mpc.cem_plan(record, torch.tensor([[0.4, 1.9]]).repeat(4, 1), low, high, 64, 8, 3, 0.1)
+    samples = torch.cat(seen)
+    assert (samples >= low).all() and (samples <= high).all()
+
+
+def constant_model(delta: list[float], reward: float) -> mpc.DynamicsEnsemble:
+    """A deterministic 2-member ensemble that predicts s' = s + delta, r = reward whatever (s, a)."""
+    model = mpc.DynamicsEnsemble(len(delta), 1, 2, 8, 1, probabilistic=False)
+    with torch.no_grad():
+        for p in list(model.weights) + list(model.biases):
+            p.zero_()
+        model.target_mean.copy_(torch.tensor(delta + [reward]))
+    return model
+
+
+def test_trajectory_sampling_stops_reward_at_termination():
+    # the pole angle grows by 0.1 per step: alive at 0.1 and 0.2, terminated at 0.3 (|angle| > 0.2),
+    # so the return counts the terminating step's reward and nothing after it
+    model = constant_model([0.0, 0.1, 0.0, 0.0], reward=1.0)
+    actions = torch.zeros(7, 10, 1)
+    returns = mpc.trajectory_sampling_returns(model, torch.zeros(4), actions, 4, mpc.inverted_pendulum_terminated)
+    assert torch.allclose(returns, torch.full((7,), 3.0))
+    no_termination = mpc.trajectory_sampling_returns(model, torch.zeros(4), actions, 4, None)
+    assert torch.allclose(no_termination, torch.full((7,), 10.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ensemble fits a known nonlinear system; probabilistic members learn the noise level
+# ----------------------------------------------------------------------------------------------------
+def heteroscedastic_data(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    obs = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    act = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    noise_std = np.where(obs > 0, 0.3, 0.01)  # noisy for s > 0, almost exact for s < 0
+    delta = np.sin(3 * obs) * act + noise_std * rng.standard_normal((n, 1))
+    rew = np.cos(2 * obs[:, 0]) + act[:, 0] ** 2
+    return {"obs": obs, "act": act, "next_obs": (obs + delta).astype(np.float32), "rew": rew.astype(np.float32)}
+
+
+def test_ensemble_fits_a_nonlinear_system_and_learns_where_it_is_noisy():
+    torch.manual_seed(0)
+    data = heteroscedastic_data(3000, np.random.default_rng(0))
+    args = mpc.Args(ensemble_size=5, hidden_size=64, num_hidden_layers=3, model_epochs=15, model_batch_size=64,
+                    holdout_ratio=0.1)
+    model = mpc.DynamicsEnsemble(1, 1, 5, 64, 3, probabilistic=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
+    untrained = mpc.train_model(model, optimizer, data, mpc.Args(**{**args.__dict__, "model_epochs": 0}), "cpu")
+    trained = mpc.train_model(model, optimizer, data, args, "cpu")
+    # held-out MSE in normalised units (1.0 = predicting the mean); noise alone accounts for ~0.15 here
+    assert untrained["model/holdout_mse"] > 0.5
+    assert trained["model/holdout_mse"] < 0.3
+
+    grid = torch.linspace(-0.95, 0.95, 200)[:, None]
+    act = torch.full_like(grid, 0.7)
+    with torch.no_grad():
+        next_obs, reward = model.predict(grid.expand(5, -1, -1), act.expand(5, -1, -1), sample=False)
+        true_delta, true_reward = torch.sin(3 * grid) * act, torch.cos(2 * grid[:, 0]) + 0.49
+        # error against the noise-free functions, relative to their variance (an untrained model: >= 1)
+        assert (next_obs.mean(0) - grid - true_delta).pow(2).mean() < 0.05 * true_delta.var()
+        assert (reward.mean(0) - true_reward).pow(2).mean() < 0.05 * true_reward.var()
+        x = (torch.cat([grid, act], -1) - model.input_mean) / model.input_std
+        _, logvar = model(x.expand(5, -1, -1))
+    std = torch.exp(0.5 * logvar[..., 0]).mean(0) * model.target_std[0]  # predicted std of s' - s
+    noisy, quiet = std[grid[:, 0] > 0.1].mean(), std[grid[:, 0] < -0.1].mean()
+    assert 0.15 < noisy < 0.5 and quiet < 0.1 and noisy > 4 * quiet, (noisy, quiet)
+
+
+def test_deterministic_ensemble_uses_squared_error():
+    model = mpc.DynamicsEnsemble(2, 1, 3, 16, 2, probabilistic=False)
+    x, y = torch.randn(3, 10, 3), torch.randn(3, 10, 3)
+    mean, logvar = model(x)
+    assert logvar is None
+    expected = sum(((mean[e] - y[e]) ** 2).mean() for e in range(3))
+    assert torch.allclose(mpc.model_loss(model, x, y, (0.0, 0.0, 0.0)), expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Termination rules agree with the environments' own `terminated`
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5", "InvertedPendulum-v5",
+                                    "InvertedDoublePendulum-v5"])
+def test_termination_rules_match_the_environment(env_id):
+    env = gym.make(env_id)
+    rule = mpc.TERMINATION_RULES[env_id]
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    agree, terminations, steps = 0, 0, 0
+    while steps < 2000:
+        if env_id == "Ant-v5":  # random actions rarely tip the ant: start from random heights instead
+            unwrapped = env.unwrapped
+            qpos, qvel = unwrapped.data.qpos.copy(), unwrapped.data.qvel.copy()
+            qpos[2] = rng.uniform(0.0, 1.3)
+            unwrapped.set_state(qpos, qvel)
+        for _ in range(50):
+            next_obs, _, terminated, truncated, _ = env.step(rng.uniform(env.action_space.low, env.action_space.high))
+            predicted = bool(rule(torch.as_tensor(next_obs, dtype=torch.float32)))
+            agree += predicted == terminated
+            terminations += terminated
+            steps += 1
+            if terminated or truncated:
+                env.reset()
+                break
+    assert agree == steps, f"{steps - agree} of {steps} disagree"
+    assert terminations >= 5  # the test saw both outcomes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Smoke: logs, checkpoint, resume, determinism, bad input
+# ----------------------------------------------------------------------------------------------------
+def tiny(**overrides) -> mpc.Args:
+    base = dict(env_id="InvertedPendulum-v5", total_timesteps=60, trial_length=20, init_random_episodes=2,
+                ensemble_size=2, hidden_size=16, num_hidden_layers=2, population_size=16, num_elites=4,
+                cem_iterations=2, horizon=5, num_particles=2, eval_episodes=1, seed=3, checkpoint_every=1)
+    return mpc.Args(**{**base, **overrides})
+
+
+def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
+    first = mpc.main(tiny())
+    run_dir = first["run_dir"]
+    files = os.listdir(run_dir)
+    assert any(f.startswith("events.out.tfevents") for f in files) and "args.json" in files
+    assert "mbrl_mpc.pt" in files and first["global_step"] == 60
+    assert first["eval_return"] is not None and "model/holdout_mse" in first
+    resumed = mpc.main(tiny(total_timesteps=100, resume=os.path.join(run_dir, "mbrl_mpc.pt")))
+    assert resumed["run_dir"] == run_dir and resumed["global_step"] == 100
+    assert resumed["episodic_returns"][:len(first["episodic_returns"])] == first["episodic_returns"]
+    assert len(resumed["episodic_returns"]) > len(first["episodic_returns"])
+
+
+def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):
+    straight = mpc.main(tiny(total_timesteps=100))
+    again = mpc.main(tiny(total_timesteps=100))
+    assert straight["episodic_returns"] == again["episodic_returns"]
+    # stop exactly where the uninterrupted run ended its 4th episode, then resume to the same budget
+    stop = int(sum(straight["episodic_lengths"][:4]))
+    first = mpc.main(tiny(total_timesteps=stop))
+    resumed = mpc.main(tiny(total_timesteps=100, resume=os.path.join(first["run_dir"], "mbrl_mpc.pt")))
+    assert resumed["episodic_returns"] == straight["episodic_returns"]
+    assert mpc.main(tiny(total_timesteps=100, seed=4))["episodic_returns"] != straight["episodic_returns"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(env_id="CartPole-v1"), "Discrete actions"),
+    (dict(env_id="NoSuchEnv-v0"), "unknown environment"),
+    (dict(horizon=0), "--horizon must be positive"),
+    (dict(num_elites=20, population_size=16), "cannot exceed --population-size"),
+    (dict(total_timesteps=-5), "--total-timesteps must be positive"),
+    (dict(population_size=-1), "--population-size must be positive"),
+    (dict(num_particles=3), "multiple of --ensemble-size"),
+    (dict(weight_decays=(1e-4,)), "--weight-decays needs 3 values"),
+])
+def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
+    with pytest.raises(mpc.ConfigError, match=message):
+        mpc.main(tiny(**overrides))
+    assert not os.path.exists("runs")
+
+
+def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
+    torch.save({"script": "mbrl_ensemble", "args": {}}, "other.pt")
+    with pytest.raises(mpc.ConfigError, match="written by mbrl_ensemble, not mbrl_mpc.py"):
+        mpc.main(tiny(resume="other.pt"))
+    with open("garbage.pt", "w") as f:
+        f.write("not a checkpoint")
+    with pytest.raises(mpc.ConfigError, match="not a readable checkpoint"):
+        mpc.main(tiny(resume="garbage.pt"))
+    run_dir = mpc.main(tiny(total_timesteps=20))["run_dir"]
+    checkpoint = os.path.join(run_dir, "mbrl_mpc.pt")
+    before = os.path.getmtime(checkpoint)
+    with pytest.raises(mpc.ConfigError, match="is a run on InvertedPendulum-v5"):
+        mpc.main(tiny(env_id="HalfCheetah-v5", resume=checkpoint))
+    assert os.path.getmtime(checkpoint) == before
+
+
+def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mbrl_mpc.py"), "--env-id", "CartPole-v1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CartPole-v1 has Discrete actions"), proc.stderr
+    assert not os.path.exists("runs")
