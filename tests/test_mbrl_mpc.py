@@ -216,6 +216,7 @@ def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):
     (dict(population_size=-1), "--population-size must be positive"),
     (dict(num_particles=3), "multiple of --ensemble-size"),
     (dict(weight_decays=(1e-4,)), "--weight-decays needs 3 values"),
+    (dict(device="tpu:x"), "is not a device"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
     with pytest.raises(mpc.ConfigError, match=message):
@@ -246,3 +247,29 @@ def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: CartPole-v1 has Discrete actions"), proc.stderr
     assert not os.path.exists("runs")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning: the documented CPU configuration against the random policy of the same run
+# ----------------------------------------------------------------------------------------------------
+CPU_CONFIG = dict(population_size=100, num_elites=10, num_particles=5, horizon=15, cem_iterations=3, model_epochs=25,
+                  eval_episodes=0, seed=1)
+
+
+@pytest.mark.slow
+def test_learns_inverted_pendulum_within_a_few_episodes(in_tmp):
+    cap, warmup = 100, 10
+    result = mpc.main(mpc.Args(env_id="InvertedPendulum-v5", total_timesteps=700, trial_length=cap,
+                               init_random_episodes=warmup, **CPU_CONFIG))
+    random_returns, mpc_returns = result["episodic_returns"][:warmup], result["episodic_returns"][warmup:]
+    assert np.mean(random_returns) < 0.2 * cap, random_returns  # uniform random actions fall within ~6 steps
+    assert max(mpc_returns[:6]) >= 0.9 * cap, mpc_returns
+
+
+@pytest.mark.slow
+def test_beats_random_on_reacher(in_tmp):
+    warmup = 5
+    result = mpc.main(mpc.Args(env_id="Reacher-v5", total_timesteps=750, init_random_episodes=warmup, **CPU_CONFIG))
+    random_returns, mpc_returns = result["episodic_returns"][:warmup], result["episodic_returns"][warmup:]
+    # random actions: about -43 per 50-step episode (mostly control cost); a working planner: about -10
+    assert np.mean(mpc_returns[-5:]) > np.mean(random_returns) + 25, (random_returns, mpc_returns)
