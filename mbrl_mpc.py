@@ -11,9 +11,11 @@ the defaults are PETS, Chua et al. 2018 ("Deep RL in a Handful of Trials using P
 Dynamics Models"): 5 probabilistic members, trajectory sampling TS-inf with 20 particles, CEM.
 
 Headline benchmark (PETS HalfCheetah, 300 episodes of 1000 steps):  python mbrl_mpc.py
-Small CPU configuration (learns InvertedPendulum-v5 in ~3 episodes, a few minutes on 2 cores):
+Small CPU configuration (a smaller planner and more model epochs for the little data of a short run;
+InvertedPendulum-v5 balances for 200 steps after ~8 planned episodes, ~6 minutes on 2 cores):
   python mbrl_mpc.py --env-id InvertedPendulum-v5 --total-timesteps 2000 --trial-length 200 \
-      --population-size 100 --num-elites 10 --num-particles 5 --horizon 15 --cem-iterations 3
+      --init-random-episodes 10 --population-size 100 --num-elites 10 --num-particles 5 --horizon 15 \
+      --cem-iterations 3 --model-epochs 25
 
 Where this script differs from PETS (kchua/handful-of-trials) and why:
   - Rewards are learned (an extra model output) instead of PETS's hand-written cost functions, and
@@ -21,11 +23,13 @@ Where this script differs from PETS (kchua/handful-of-trials) and why:
     so any continuous-action env works without per-env code. Only termination rules are per-env.
   - Targets (s' - s, r) are normalised with the data's mean/std (PETS normalised inputs only), so each
     output dimension weighs equally in the loss whatever its scale.
-  - 5 % of the data (at most 5000 transitions) is held out to log `model/holdout_mse`; PETS trained on all.
-  - CEM smooths the variance as well as the mean (alpha * old + (1 - alpha) * new). The upstream TF code
-    had `alpha * new_var + (1 - alpha) * new_var` (handful-of-trials issue #4, fixed by the authors).
-  - Particle p is assigned to member p mod E (PETS: p // (P/E)); both are fixed over the horizon and,
-    since particles of a candidate are exchangeable, give the same distribution of returns.
+  - 5 % of the transitions (drawn once, when collected) are held out to log `model/holdout_mse`;
+    PETS trained on all of them.
+  - The learned reward is sampled from its Gaussian like the next state (PETS's reward was exact).
+  - CEM runs its fixed number of iterations; PETS also stopped early once max variance < 1e-3 (a test
+    that would cost a device sync per iteration on a GPU; it rarely fires within 5 iterations).
+  - With `--no-probabilistic`, each member propagates one particle per candidate (more would be copies).
+  - Nagabandi's network was 2 x 500 ReLU; `--no-probabilistic` keeps this script's 4 x 200 SiLU.
   - Checkpoints are written at episode ends (a crash loses at most the current episode).
 Speed (2-core CPU, see benchmarks/README.md for commands and the side-by-side mbrl-lib figures).
 """
@@ -78,7 +82,8 @@ class Args:
     total_timesteps: int = 300_000
     """real environment steps, random warm-up included (PETS HalfCheetah: 300 trials of 1000)"""
     eval_episodes: int = 1
-    """MPC episodes after training whose data are not added to D (logged as eval/return)"""
+    """MPC episodes after training whose data are not added to D (eval/return); MPC adds no exploration
+    noise, so they are planned exactly like training episodes"""
     trial_length: Optional[int] = None
     """episode cap in steps; default: the environment's own limit (1000 for HalfCheetah, as PETS)"""
 
@@ -101,7 +106,7 @@ class Args:
     model_epochs: int = 5
     """passes over each member's bootstrap per training iteration"""
     holdout_ratio: float = 0.05
-    """fraction of D held out to measure the model (at most 5000 transitions)"""
+    """fraction of transitions held out (drawn when collected) to measure the model"""
     init_random_episodes: int = 1
     """episodes of uniform random actions before the first model is trained"""
 
@@ -138,9 +143,11 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["eval_episodes", "init_random_episodes"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.eval_episodes < 0:
+        raise ConfigError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    if args.init_random_episodes < 1:
+        raise ConfigError(f"--init-random-episodes must be >= 1 (the first model needs data), "
+                          f"got {args.init_random_episodes}")
     if args.trial_length is not None and args.trial_length <= 0:
         raise ConfigError(f"--trial-length must be positive, got {args.trial_length}")
     if args.planner == "cem" and args.num_elites > args.population_size:
@@ -185,6 +192,8 @@ def make_env(env_id: str, trial_length: Optional[int] = None, video_folder: Opti
     try:
         env = gym.make(env_id, max_episode_steps=trial_length,
                        render_mode="rgb_array" if video_folder else None)
+    except gym.error.DependencyNotInstalled as err:
+        raise ConfigError(f"{env_id} needs a package that is not installed: {err}")
     except gym.error.Error as err:
         raise ConfigError(f"unknown environment '{env_id}' ({err}); use a gymnasium id such as HalfCheetah-v5")
     if not isinstance(env.action_space, gym.spaces.Box):
@@ -253,7 +262,8 @@ class DynamicsEnsemble(nn.Module):
         sizes = [in_dim] + [hidden_size] * num_hidden_layers + [self.out_dim * (2 if probabilistic else 1)]
         # PETS initialisation: truncated normal with std 1 / (2 sqrt(fan_in)), zero biases
         self.weights = nn.ParameterList(
-            nn.Parameter(nn.init.trunc_normal_(torch.empty(ensemble_size, i, o), std=1 / (2 * i**0.5)))
+            nn.Parameter(nn.init.trunc_normal_(torch.empty(ensemble_size, i, o), std=1 / (2 * i**0.5),
+                                               a=-1 / i**0.5, b=1 / i**0.5))  # truncated at 2 std
             for i, o in zip(sizes[:-1], sizes[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(ensemble_size, 1, o)) for o in sizes[1:])
         if probabilistic:  # learned soft bounds on the log-variance (PETS appendix A.1)
@@ -272,7 +282,9 @@ class DynamicsEnsemble(nn.Module):
         for (mean, std), data in [((self.input_mean, self.input_std), inputs),
                                   ((self.target_mean, self.target_std), targets)]:
             mean.copy_(data.mean(0))
-            std.copy_(data.std(0).clamp_min(1e-6))  # constant dimensions (PETS: sigma < 1e-12 -> 1)
+            spread = data.std(0, unbiased=False)
+            # a dimension constant so far (e.g. a contact force) keeps unit scale, as in PETS
+            std.copy_(torch.where(spread < 1e-6, torch.ones_like(spread), spread))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: normalised inputs [E, N, in] -> mean [E, N, out], log-variance [E, N, out] or None."""
@@ -334,10 +346,11 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, data:
     obs, act, next_obs, rew = (torch.as_tensor(data[k], device=device) for k in ("obs", "act", "next_obs", "rew"))
     inputs = torch.cat([obs, act], dim=-1)
     targets = torch.cat([next_obs - obs, rew[:, None]], dim=-1)
-    n = len(inputs)
-    order = torch.randperm(n, device=device)
-    n_holdout = min(int(args.holdout_ratio * n), 5000)
-    holdout, train = order[:n_holdout], order[n_holdout:]
+    held_out = torch.as_tensor(data["holdout"], device=device)
+    holdout, train = held_out.nonzero()[:, 0], (~held_out).nonzero()[:, 0]
+    if len(train) == 0:  # only possible with a handful of transitions: train on them all
+        holdout, train = holdout[:0], holdout
+    n_holdout = len(holdout)
     model.set_normalizers(inputs[train], targets[train])
     x_all = (inputs - model.input_mean) / model.input_std
     y_all = (targets - model.target_mean) / model.target_std
@@ -354,7 +367,7 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, data:
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-    metrics = {"model/train_loss": torch.stack(losses).mean().item()} if losses else {}
+    metrics = {"losses/model_loss": torch.stack(losses).mean().item()} if losses else {}
     if n_holdout:
         with torch.no_grad():
             mean, logvar = model(x_all[holdout].expand(E, -1, -1))
@@ -373,25 +386,26 @@ def trajectory_sampling_returns(model: DynamicsEnsemble, obs: torch.Tensor, acti
                                 num_particles: int, termination_fn=None) -> torch.Tensor:
     """Expected return of each candidate sequence actions [N, H, A] from obs [o] (PETS TS-inf).
 
-    All candidates x particles x members are one tensor [E, N * P/E, .]: particle p of a candidate
-    uses member p mod E for the whole horizon. A particle that terminates stops collecting reward.
+    All candidates x particles x members are one tensor [E, N * P/E, .]: as in PETS, each member
+    propagates P/E particles of every candidate and keeps them for the whole horizon (TS-inf), and
+    return = mean over particles. A particle that terminates stops collecting reward.
     """
     E = model.ensemble_size
     N, H, A = actions.shape
-    per_member = num_particles // E
+    per_member = num_particles // E if model.probabilistic else 1  # deterministic particles would be copies
     state = obs.expand(E, N * per_member, obs.shape[-1])
     # [N, H, A] -> [H, E, N * P/E, A] once, so every step reads one contiguous slice
     step_actions = actions.permute(1, 0, 2)[:, None, :, None, :].expand(H, E, N, per_member, A)
     step_actions = step_actions.reshape(H, E, N * per_member, A)
     returns = torch.zeros(E, N * per_member, device=obs.device)
-    alive = torch.ones_like(returns)
+    alive = torch.ones_like(returns, dtype=torch.bool)
     for t in range(H):
         state, reward = model.predict(state, step_actions[t], sample=True)
-        returns += alive * reward
+        returns += torch.where(alive, reward, 0.0)  # a terminated particle adds nothing, not even NaN
         if termination_fn is not None:
-            alive = alive * ~termination_fn(state)
+            alive &= ~termination_fn(state)
     returns = returns.view(E, N, per_member)
-    returns = torch.where(torch.isnan(returns), -1e6, returns)  # PETS: a diverged particle costs 1e6
+    returns = torch.nan_to_num(returns, nan=-1e6, posinf=-1e6, neginf=-1e6)  # PETS: diverged costs 1e6
     return returns.mean(dim=(0, 2))
 
 
@@ -412,6 +426,7 @@ def cem_plan(evaluate: Callable[[torch.Tensor], torch.Tensor], init_mean: torch.
         noise = nn.init.trunc_normal_(torch.empty(population_size, *mean.shape, device=mean.device), a=-2, b=2)
         samples = mean + std * noise
         elites = samples[torch.topk(evaluate(samples), num_elites).indices]
+        # smoothing of mean and variance as in handful-of-trials (its first release left var unsmoothed)
         mean = alpha * mean + (1 - alpha) * elites.mean(0)
         var = alpha * var + (1 - alpha) * elites.var(0, unbiased=False)
     return mean
@@ -460,9 +475,10 @@ class MPCController:
 # ----------------------------------------------------------------------------------------------------
 # Data, episodes, checkpoints
 # ----------------------------------------------------------------------------------------------------
-def run_episode(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], max_steps: int) -> dict:
+def run_episode(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], max_steps: int,
+                seed: Optional[int] = None) -> dict:
     """One episode (cut at `max_steps`); returns its transitions, return, length and ms per action."""
-    obs, _ = env.reset()
+    obs, _ = env.reset(seed=seed)
     traj = {"obs": [], "act": [], "next_obs": [], "rew": []}
     episode_return, plan_seconds = 0.0, 0.0
     for _ in range(max_steps):
@@ -479,6 +495,19 @@ def run_episode(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], max_st
     length = len(traj["rew"])
     data = {k: np.asarray(v, dtype=np.float32) for k, v in traj.items()}
     return {"data": data, "return": episode_return, "length": length, "plan_ms": 1e3 * plan_seconds / length}
+
+
+def check_rendering(env_id: str) -> None:
+    """Fail before training, not after it, when --capture-video cannot render on this machine."""
+    env = gym.make(env_id, render_mode="rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()
+    except Exception as err:  # noqa: BLE001 - any rendering failure gets the same advice
+        raise ConfigError(f"--capture-video cannot render {env_id} ({type(err).__name__}: {err}); headless, set "
+                          "MUJOCO_GL=egl and install libEGL (Debian/Ubuntu: apt-get install libegl1)")
+    finally:
+        env.close()
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -510,16 +539,17 @@ def load_checkpoint(path: str, args: Args) -> tuple[dict, Args]:
 class Logger:
     """TensorBoard (+ optional W&B) scalars and a one-line progress display on a terminal."""
 
-    def __init__(self, run_dir: str, run_name: str, args: Args):
+    def __init__(self, run_dir: str, run_name: str, args: Args, resume_step: Optional[int]):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(run_dir)
         self.wandb = None
-        if args.track:
+        if args.track:  # before the SummaryWriter exists, so that wandb can mirror its events
             import wandb
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
                                     name=run_name, sync_tensorboard=True, resume="allow", id=run_name)
+        # on resume, drop events logged after the checkpoint: they are about to be logged again
+        self.writer = SummaryWriter(run_dir, purge_step=resume_step)
         self.tty = sys.stdout.isatty()
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
@@ -555,18 +585,28 @@ def main(args: Args) -> dict:
             raise ConfigError(f"--{'capture-video' if module == 'moviepy' else 'track'} needs {module}: "
                               f"pip install {module}")
     env = make_env(args.env_id, args.trial_length)
+    if args.capture_video:
+        check_rendering(args.env_id)
     if args.env_id not in TERMINATION_RULES:
         print(f"note: no termination rule known for {args.env_id}; planning assumes it never terminates",
               file=sys.stderr)
     termination_fn = TERMINATION_RULES.get(args.env_id)
     max_episode_steps = env.spec.max_episode_steps or 1000
 
-    run_name = ckpt["run_name"] if ckpt else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    if ckpt:  # continue in the checkpoint's own folder, wherever it was moved to
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir, suffix = os.path.join("runs", run_name), 1
+        while os.path.exists(run_dir):  # two runs started in the same second never share a folder
+            suffix += 1
+            run_dir = os.path.join("runs", f"{run_name}-{suffix}")
+        run_name = os.path.basename(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
-    logger = Logger(run_dir, run_name, args)
+    logger = Logger(run_dir, run_name, args, ckpt["global_step"] if ckpt else None)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -586,6 +626,7 @@ def main(args: Args) -> dict:
     data: dict[str, np.ndarray] = {k: np.zeros((0, d), np.float32)
                                    for k, d in [("obs", obs_dim), ("act", act_dim), ("next_obs", obs_dim)]}
     data["rew"] = np.zeros(0, np.float32)
+    data["holdout"] = np.zeros(0, bool)  # drawn once per transition, so held-out data are never trained on
     global_step, episode, elapsed, returns, lengths = 0, 0, 0.0, [], []
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -596,9 +637,12 @@ def main(args: Args) -> dict:
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         action_rng.bit_generator.state = ckpt["rng"]["actions"]
         env.unwrapped.np_random.bit_generator.state = ckpt["rng"]["env"]
-        print(f"resumed {run_name} at step {global_step} (episode {episode})")
+        print(f"resumed {run_name} at step {global_step} (episode {episode}) with the checkpoint's flags; "
+              f"from the command line only: {', '.join(RUN_CONTROL_FIELDS[1:])}")
 
     ckpt_path = os.path.join(run_dir, f"{SCRIPT}.pt")
 
@@ -608,6 +652,7 @@ def main(args: Args) -> dict:
             "optimizer": optimizer.state_dict(), "data": data, "global_step": global_step, "episode": episode,
             "elapsed": elapsed, "returns": returns, "lengths": lengths,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "actions": action_rng.bit_generator.state, "env": env.unwrapped.np_random.bit_generator.state}})
 
     last_checkpoint_step, model_metrics = global_step, {}
@@ -623,6 +668,7 @@ def main(args: Args) -> dict:
             controller.reset()
             policy = controller.act
         result = run_episode(env, policy, min(max_episode_steps, args.total_timesteps - global_step))
+        result["data"]["holdout"] = np.random.random(result["length"]) < args.holdout_ratio
         data = {k: np.concatenate([data[k], result["data"][k]]) for k in data}  # aggregation
         global_step += result["length"]
         episode += 1
@@ -645,11 +691,11 @@ def main(args: Args) -> dict:
     if args.eval_episodes:
         eval_env = make_env(args.env_id, args.trial_length,
                             os.path.join(run_dir, "videos") if args.capture_video else None)
-        eval_env.reset(seed=args.seed + 10_000)
         model.eval()
-        for _ in range(args.eval_episodes):
+        for i in range(args.eval_episodes):
             controller.reset()
-            eval_returns.append(run_episode(eval_env, controller.act, max_episode_steps)["return"])
+            seed = args.seed + 10_000 if i == 0 else None
+            eval_returns.append(run_episode(eval_env, controller.act, max_episode_steps, seed)["return"])
         eval_env.close()
         logger.scalars({"eval/return": float(np.mean(eval_returns))}, global_step)
     logger.close()

@@ -1,5 +1,6 @@
 """Tests of mbrl_mpc.py: planners on a problem with a known optimum, the ensemble on known functions,
 termination rules against the environments, smoke/resume/determinism, bad input, and learning."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import mbrl_mpc as mpc
 from conftest import ROOT
@@ -93,6 +96,39 @@ def test_trajectory_sampling_stops_reward_at_termination():
     assert torch.allclose(no_termination, torch.full((7,), 10.0))
 
 
+class MemberwiseToy:
+    """Member e moves the state by c_e per step; r = s'^2 + sum(a). A particle that kept its member for the
+    whole horizon earns c_e^2 (1 + 4 + ... + H^2) + sum_t a_t; switching members or mixing candidates would not."""
+
+    probabilistic = True
+
+    def __init__(self, c: torch.Tensor):
+        self.c, self.ensemble_size = c, len(c)
+
+    def predict(self, obs, act, sample):
+        next_obs = obs + self.c[:, None, None]
+        return next_obs, next_obs.pow(2).sum(-1) + act.sum(-1)
+
+
+def test_trajectory_sampling_keeps_each_particle_on_one_member_and_candidates_apart():
+    toy = MemberwiseToy(torch.tensor([0.0, 1.0, 2.0]))
+    actions = torch.randn(4, 5, 2)
+    returns = mpc.trajectory_sampling_returns(toy, torch.zeros(1), actions, num_particles=6)
+    expected = toy.c.pow(2).mean() * sum(t * t for t in range(1, 6)) + actions.sum(dim=(1, 2))
+    assert torch.allclose(returns, expected)
+
+
+def test_mpc_executes_the_first_action_and_warm_starts_from_the_shifted_plan():
+    toy = MemberwiseToy(torch.zeros(2))  # return = const + sum of actions: best plan = upper bound everywhere
+    args = mpc.Args(horizon=4, population_size=200, num_elites=20, cem_iterations=5, num_particles=2)
+    low, high = torch.tensor([-1.0]), torch.tensor([3.0])
+    controller = mpc.MPCController(toy, args, low, high, None)
+    torch.manual_seed(0)
+    action = controller.act(np.zeros(1, np.float32))
+    assert action.shape == (1,) and action[0] > 2.5
+    assert (controller.plan[:-1] > 2.5).all() and controller.plan[-1].item() == 1.0  # shifted, then the mid-point
+
+
 # ----------------------------------------------------------------------------------------------------
 # Ensemble fits a known nonlinear system; probabilistic members learn the noise level
 # ----------------------------------------------------------------------------------------------------
@@ -102,14 +138,14 @@ def heteroscedastic_data(n: int, rng: np.random.Generator) -> dict[str, np.ndarr
     noise_std = np.where(obs > 0, 0.3, 0.01)  # noisy for s > 0, almost exact for s < 0
     delta = np.sin(3 * obs) * act + noise_std * rng.standard_normal((n, 1))
     rew = np.cos(2 * obs[:, 0]) + act[:, 0] ** 2
-    return {"obs": obs, "act": act, "next_obs": (obs + delta).astype(np.float32), "rew": rew.astype(np.float32)}
+    return {"obs": obs, "act": act, "next_obs": (obs + delta).astype(np.float32), "rew": rew.astype(np.float32),
+            "holdout": rng.random(n) < 0.1}
 
 
 def test_ensemble_fits_a_nonlinear_system_and_learns_where_it_is_noisy():
     torch.manual_seed(0)
     data = heteroscedastic_data(3000, np.random.default_rng(0))
-    args = mpc.Args(ensemble_size=5, hidden_size=64, num_hidden_layers=3, model_epochs=15, model_batch_size=64,
-                    holdout_ratio=0.1)
+    args = mpc.Args(ensemble_size=5, hidden_size=64, num_hidden_layers=3, model_epochs=30, model_batch_size=64)
     model = mpc.DynamicsEnsemble(1, 1, 5, 64, 3, probabilistic=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
     untrained = mpc.train_model(model, optimizer, data, mpc.Args(**{**args.__dict__, "model_epochs": 0}), "cpu")
@@ -133,13 +169,32 @@ def test_ensemble_fits_a_nonlinear_system_and_learns_where_it_is_noisy():
     assert 0.15 < noisy < 0.5 and quiet < 0.1 and noisy > 4 * quiet, (noisy, quiet)
 
 
-def test_deterministic_ensemble_uses_squared_error():
-    model = mpc.DynamicsEnsemble(2, 1, 3, 16, 2, probabilistic=False)
+@pytest.mark.parametrize("probabilistic", [True, False])
+def test_model_loss_is_the_papers_objective(probabilistic):
+    torch.manual_seed(0)
+    model = mpc.DynamicsEnsemble(2, 1, 3, 16, 2, probabilistic=probabilistic)
     x, y = torch.randn(3, 10, 3), torch.randn(3, 10, 3)
+    decays = (1e-3, 2e-3, 3e-3)
     mean, logvar = model(x)
-    assert logvar is None
-    expected = sum(((mean[e] - y[e]) ** 2).mean() for e in range(3))
-    assert torch.allclose(mpc.model_loss(model, x, y, (0.0, 0.0, 0.0)), expected)
+    l2 = sum(wd * 0.5 * w.pow(2).sum() for wd, w in zip(decays, model.weights))
+    if probabilistic:  # PETS: Gaussian NLL per member (mean over batch and dims) + bound penalty
+        assert (logvar < model.max_logvar).all() and (logvar > model.min_logvar).all()
+        expected = sum(((mean[e] - y[e]) ** 2 * torch.exp(-logvar[e]) + logvar[e]).mean() for e in range(3))
+        expected = expected + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+    else:  # Nagabandi / the lecture: squared error
+        assert logvar is None
+        expected = sum(((mean[e] - y[e]) ** 2).mean() for e in range(3))
+    assert torch.allclose(mpc.model_loss(model, x, y, decays), expected + l2)
+
+
+def test_blocked_cpu_forward_equals_the_plain_forward():
+    model = mpc.DynamicsEnsemble(17, 6, 5, 200, 4, probabilistic=True)
+    x = torch.randn(5, 1200, 23)
+    assert model.cpu_block_rows < 1200  # the blocked path is the one taken
+    with torch.no_grad():
+        blocked, plain = model(x), model.mlp(x)
+    for a, b in zip(blocked, plain):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,7 +233,7 @@ def test_termination_rules_match_the_environment(env_id):
 def tiny(**overrides) -> mpc.Args:
     base = dict(env_id="InvertedPendulum-v5", total_timesteps=60, trial_length=20, init_random_episodes=2,
                 ensemble_size=2, hidden_size=16, num_hidden_layers=2, population_size=16, num_elites=4,
-                cem_iterations=2, horizon=5, num_particles=2, eval_episodes=1, seed=3, checkpoint_every=1)
+                cem_iterations=2, horizon=5, num_particles=2, eval_episodes=1, seed=3, checkpoint_every=1, device="cpu")
     return mpc.Args(**{**base, **overrides})
 
 
@@ -188,9 +243,13 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     files = os.listdir(run_dir)
     assert any(f.startswith("events.out.tfevents") for f in files) and "args.json" in files
     assert "mbrl_mpc.pt" in files and first["global_step"] == 60
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    assert {"charts/episodic_return", "charts/SPS", "model/holdout_mse", "losses/model_loss", "time/plan_ms",
+            "eval/return"} <= set(events.Tags()["scalars"])
     assert first["eval_return"] is not None and "model/holdout_mse" in first
     resumed = mpc.main(tiny(total_timesteps=100, resume=os.path.join(run_dir, "mbrl_mpc.pt")))
-    assert resumed["run_dir"] == run_dir and resumed["global_step"] == 100
+    assert os.path.samefile(resumed["run_dir"], run_dir) and resumed["global_step"] == 100
     assert resumed["episodic_returns"][:len(first["episodic_returns"])] == first["episodic_returns"]
     assert len(resumed["episodic_returns"]) > len(first["episodic_returns"])
 
@@ -217,6 +276,7 @@ def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):
     (dict(num_particles=3), "multiple of --ensemble-size"),
     (dict(weight_decays=(1e-4,)), "--weight-decays needs 3 values"),
     (dict(device="tpu:x"), "is not a device"),
+    (dict(init_random_episodes=0), "the first model needs data"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
     with pytest.raises(mpc.ConfigError, match=message):
@@ -238,6 +298,13 @@ def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
     with pytest.raises(mpc.ConfigError, match="is a run on InvertedPendulum-v5"):
         mpc.main(tiny(env_id="HalfCheetah-v5", resume=checkpoint))
     assert os.path.getmtime(checkpoint) == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="moviepy is an optional extra")
+def test_capture_video_records_each_evaluation_episode(in_tmp):
+    run_dir = mpc.main(tiny(total_timesteps=40, eval_episodes=2, capture_video=True))["run_dir"]
+    videos = sorted(f for f in os.listdir(os.path.join(run_dir, "videos")) if f.endswith(".mp4"))
+    assert videos == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4"]
 
 
 def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
