@@ -481,7 +481,7 @@ def run_episode(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], max_st
     """One episode (cut at `max_steps`); returns its transitions, return, length and ms per action."""
     obs, _ = env.reset(seed=seed)
     traj = {"obs": [], "act": [], "next_obs": [], "rew": []}
-    episode_return, plan_seconds = 0.0, 0.0
+    episode_return, plan_seconds, ended = 0.0, 0.0, False
     for _ in range(max_steps):
         start = time.perf_counter()
         action = policy(obs.astype(np.float32))
@@ -492,10 +492,12 @@ def run_episode(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], max_st
         episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:
+            ended = True
             break
     length = len(traj["rew"])
     data = {k: np.asarray(v, dtype=np.float32) for k, v in traj.items()}
-    return {"data": data, "return": episode_return, "length": length, "plan_ms": 1e3 * plan_seconds / length}
+    return {"data": data, "return": episode_return, "length": length, "ended": ended,
+            "plan_ms": 1e3 * plan_seconds / length}
 
 
 def check_rendering(env_id: str) -> None:
@@ -673,12 +675,13 @@ def main(args: Args) -> dict:
         data = {k: np.concatenate([data[k], result["data"][k]]) for k in data}  # aggregation
         global_step += result["length"]
         episode += 1
-        returns.append(result["return"])
-        lengths.append(result["length"])
         elapsed += time.perf_counter() - start
         sps = global_step / elapsed
-        metrics = {"charts/episodic_return": result["return"], "charts/episodic_length": result["length"],
-                   "charts/SPS": sps, **model_metrics}
+        metrics = {"charts/SPS": sps, **model_metrics}
+        if result["ended"]:  # an episode cut short by the step budget is not logged as an episode
+            returns.append(result["return"])
+            lengths.append(result["length"])
+            metrics.update({"charts/episodic_return": result["return"], "charts/episodic_length": result["length"]})
         if planning:
             metrics["time/plan_ms"] = result["plan_ms"]
         logger.scalars(metrics, global_step)

@@ -53,6 +53,8 @@ def main():
     parser.add_argument("--title", default="")
     parser.add_argument("--reference", nargs="*", default=[], help="step:value pairs of a published curve")
     parser.add_argument("--reference-label", default="published")
+    parser.add_argument("--table-steps", nargs="*", type=int, default=[],
+                        help="print a markdown table of the metric at these env steps (linear interpolation)")
     opts = parser.parse_args()
     runs = sorted(d for d in glob.glob(opts.runs) if os.path.isfile(os.path.join(d, "args.json")))
     if not runs:
@@ -76,7 +78,7 @@ def main():
     for seed, steps, values in curves:
         ax.plot(steps, values, lw=0.6, alpha=0.4)
     mean, std = stacked.mean(0), stacked.std(0)
-    ax.plot(grid, mean, color="C0", lw=2, label=f"ours, mean of {len(curves)} seeds")
+    ax.plot(grid, mean, color="C0", lw=2, label=f"mean ± std of {len(curves)} seeds (thin: each seed)")
     ax.fill_between(grid, mean - std, mean + std, color="C0", alpha=0.2)
     if opts.reference:
         ref = np.array([[float(x) for x in pair.split(":")] for pair in opts.reference])
@@ -87,6 +89,12 @@ def main():
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(opts.png, dpi=120)
+    if opts.table_steps:
+        print(f"| env steps | {opts.metric}, mean ± std over {len(curves)} seeds | per seed |")
+        print("|---|---|---|")
+        for step in opts.table_steps:
+            at = [float(np.interp(step, steps, values)) for _, steps, values in curves]
+            print(f"| {step} | {np.mean(at):.1f} ± {np.std(at):.1f} | {', '.join(f'{v:.1f}' for v in at)} |")
     finals = [values[-1] for _, _, values in curves]
     print(f"{len(curves)} runs; final {opts.metric}: {np.mean(finals):.1f} +- {np.std(finals):.1f}; wrote {opts.csv}, {opts.png}")
 
