@@ -8,7 +8,7 @@ for seed in 1 2 3; do
       --trial-length 200 --init-random-episodes 10 $CPU
 done
 for seed in 1 2 3; do
-  python mbrl_mpc.py --env-id HalfCheetah-v5 --exp-name cpu --seed $seed --total-timesteps 5000 $CPU --eval-episodes 0
+  python mbrl_mpc.py --env-id HalfCheetah-v5 --exp-name cpu --seed $seed --total-timesteps 4000 $CPU --eval-episodes 0
 done
 python benchmarks/plot_curves.py --runs "runs/InvertedPendulum-v5__cpu__*" \
     --csv benchmarks/results/mbrl_mpc_InvertedPendulum-v5_cpu.csv --png docs/img/mbrl_mpc_InvertedPendulum-v5_cpu.png \
