@@ -250,7 +250,6 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     assert first["eval_return"] is not None and "model/holdout_mse" in first
     resumed = mpc.main(tiny(total_timesteps=100, resume=os.path.join(run_dir, "mbrl_mpc.pt")))
     assert os.path.samefile(resumed["run_dir"], run_dir) and resumed["global_step"] == 100
-    assert resumed["episodic_returns"][:len(first["episodic_returns"])] == first["episodic_returns"]
     assert len(resumed["episodic_returns"]) > len(first["episodic_returns"])
 
 
