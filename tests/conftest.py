@@ -2,6 +2,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,3 +15,14 @@ def in_tmp(tmp_path, monkeypatch):
     """Run inside a temporary directory, so runs/ of a test never touches the repository."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def heteroscedastic_data(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Transitions of a known system for ensemble tests: s' - s = sin(3 s) a + noise, r = cos(2 s) + a^2,
+    with noise std 0.3 where s > 0 and 0.01 where s < 0."""
+    obs = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    act = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    noise_std = np.where(obs > 0, 0.3, 0.01)
+    delta = np.sin(3 * obs) * act + noise_std * rng.standard_normal((n, 1))
+    rew = np.cos(2 * obs[:, 0]) + act[:, 0] ** 2
+    return {"obs": obs, "act": act, "next_obs": (obs + delta).astype(np.float32), "rew": rew.astype(np.float32)}

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import mbrl_mpc as mpc
-from conftest import ROOT
+from conftest import ROOT, heteroscedastic_data
 
 # ----------------------------------------------------------------------------------------------------
 # Planners on a linear system with quadratic cost: x' = A x + B u, r = -(|x'|^2 + 0.1 u^2)
@@ -132,19 +131,11 @@ def test_mpc_executes_the_first_action_and_warm_starts_from_the_shifted_plan():
 # ----------------------------------------------------------------------------------------------------
 # Ensemble fits a known nonlinear system; probabilistic members learn the noise level
 # ----------------------------------------------------------------------------------------------------
-def heteroscedastic_data(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    obs = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
-    act = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
-    noise_std = np.where(obs > 0, 0.3, 0.01)  # noisy for s > 0, almost exact for s < 0
-    delta = np.sin(3 * obs) * act + noise_std * rng.standard_normal((n, 1))
-    rew = np.cos(2 * obs[:, 0]) + act[:, 0] ** 2
-    return {"obs": obs, "act": act, "next_obs": (obs + delta).astype(np.float32), "rew": rew.astype(np.float32),
-            "holdout": rng.random(n) < 0.1}
-
-
 def test_ensemble_fits_a_nonlinear_system_and_learns_where_it_is_noisy():
     torch.manual_seed(0)
-    data = heteroscedastic_data(3000, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    data = heteroscedastic_data(3000, rng)
+    data["holdout"] = rng.random(3000) < 0.1
     args = mpc.Args(ensemble_size=5, hidden_size=64, num_hidden_layers=3, model_epochs=30, model_batch_size=64)
     model = mpc.DynamicsEnsemble(1, 1, 5, 64, 3, probabilistic=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
@@ -197,34 +188,7 @@ def test_blocked_cpu_forward_equals_the_plain_forward():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Termination rules agree with the environments' own `terminated`
-# ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env_id", ["Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5", "InvertedPendulum-v5",
-                                    "InvertedDoublePendulum-v5"])
-def test_termination_rules_match_the_environment(env_id):
-    env = gym.make(env_id)
-    rule = mpc.TERMINATION_RULES[env_id]
-    rng = np.random.default_rng(0)
-    env.reset(seed=0)
-    agree, terminations, steps = 0, 0, 0
-    while steps < 2000:
-        if env_id == "Ant-v5":  # random actions rarely tip the ant: start from random heights instead
-            unwrapped = env.unwrapped
-            qpos, qvel = unwrapped.data.qpos.copy(), unwrapped.data.qvel.copy()
-            qpos[2] = rng.uniform(0.0, 1.3)
-            unwrapped.set_state(qpos, qvel)
-        for _ in range(50):
-            next_obs, _, terminated, truncated, _ = env.step(rng.uniform(env.action_space.low, env.action_space.high))
-            predicted = bool(rule(torch.as_tensor(next_obs, dtype=torch.float32)))
-            agree += predicted == terminated
-            terminations += terminated
-            steps += 1
-            if terminated or truncated:
-                env.reset()
-                break
-    assert agree == steps, f"{steps - agree} of {steps} disagree"
-    assert terminations >= 5  # the test saw both outcomes
+# (the termination rules are tested for every script that has them in tests/test_termination_rules.py)
 
 
 # ----------------------------------------------------------------------------------------------------

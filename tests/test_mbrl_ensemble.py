@@ -1,0 +1,369 @@
+"""Tests of mbrl_ensemble.py (MBPO): the ensemble on a known noisy system and its elites, the rollout schedule,
+branched rollouts and terminations, SAC's pieces, per-env defaults, smoke/resume/bad input, and learning."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import mbrl_ensemble as mbpo
+from conftest import ROOT, heteroscedastic_data
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ensemble: the Gaussian NLL learns where the system is noisy; elites have the lowest held-out loss
+# ----------------------------------------------------------------------------------------------------
+def as_model_data(data: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    obs, act, next_obs, rew = (torch.as_tensor(data[k]) for k in ("obs", "act", "next_obs", "rew"))
+    return torch.cat([obs, act], -1), torch.cat([next_obs - obs, rew[:, None]], -1)
+
+
+def test_ensemble_variance_tracks_the_noise_and_training_stops_on_the_holdout():
+    torch.manual_seed(0)
+    inputs, targets = as_model_data(heteroscedastic_data(3000, np.random.default_rng(0)))
+    args = mbpo.Args(ensemble_size=5, num_elites=3, num_hidden_layers=3, model_batch_size=64)
+    model = mbpo.DynamicsEnsemble(1, 1, 5, 64, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
+    elites, metrics = mbpo.train_model(model, optimizer, inputs, targets, args)
+    # early stopping ended training on its own (no epoch cap) after the held-out loss flattened
+    assert 6 < metrics["model/train_epochs"] < 300 and metrics["model/holdout_mse"] < 0.3, metrics
+
+    grid = torch.linspace(-0.95, 0.95, 200)[:, None]
+    x = (torch.cat([grid, torch.full_like(grid, 0.7)], -1) - model.input_mean) / model.input_std
+    with torch.no_grad():
+        _, logvar = model(x.expand(5, -1, -1))
+    std = torch.exp(0.5 * logvar[..., 0]).mean(0) * model.target_std[0]  # predicted std of s' - s
+    noisy, quiet = std[grid[:, 0] > 0.1].mean(), std[grid[:, 0] < -0.1].mean()
+    assert 0.2 < noisy < 0.4 and quiet < 0.1 and noisy > 4 * quiet, (noisy, quiet)  # true: 0.3 and 0.01
+
+
+def test_elites_are_the_members_with_the_lowest_holdout_loss():
+    torch.manual_seed(1)
+    inputs, targets = as_model_data(heteroscedastic_data(2000, np.random.default_rng(1)))
+    args = mbpo.Args(ensemble_size=4, num_elites=2, num_hidden_layers=2, model_max_epochs=10, model_batch_size=128)
+    model = mbpo.DynamicsEnsemble(1, 1, 4, 32, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
+    mbpo.train_model(model, optimizer, inputs, targets, args)
+    with torch.no_grad():  # spoil members 0 and 2, then train so little that they stay worse
+        for weight in model.weights:
+            weight[[0, 2]] += 0.5 * torch.randn_like(weight[[0, 2]])
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-7
+    elites, _ = mbpo.train_model(model, optimizer, inputs, targets, mbpo.Args(**{**args.__dict__,
+                                                                              "model_max_epochs": 1}))
+    assert sorted(elites.tolist()) == [1, 3]
+    x = (inputs - model.input_mean) / model.input_std
+    y = (targets - model.target_mean) / model.target_std
+    with torch.no_grad():
+        mse = (model(x.expand(4, -1, -1))[0] - y).pow(2).mean(dim=(1, 2))
+    assert elites.tolist() == torch.argsort(mse)[:2].tolist()  # best first
+
+
+def test_model_loss_is_the_gaussian_nll_with_bound_penalty_and_weight_decay():
+    torch.manual_seed(0)
+    model = mbpo.DynamicsEnsemble(2, 1, 3, 16, 2)
+    x, y = torch.randn(3, 10, 3), torch.randn(3, 10, 3)
+    decays = (1e-3, 2e-3, 3e-3)
+    with torch.no_grad():
+        mean, logvar = model(x)
+        nll = sum(((mean[e] - y[e]) ** 2 / logvar[e].exp() + logvar[e]).mean() for e in range(3))
+        penalty = 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+        l2 = sum(d * 0.5 * (w**2).sum() for d, w in zip(decays, model.weights))
+    assert torch.allclose(mbpo.model_loss(model, x, y, decays), nll + penalty + l2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollout schedule, branched rollouts, terminations
+# ----------------------------------------------------------------------------------------------------
+def test_rollout_length_schedule_is_the_papers_linear_schedule():
+    hopper = (20, 150, 1, 15)
+    # k = x for epoch <= a; x + (epoch - a) / (b - a) * (y - x) rounded down in between; y from epoch b
+    assert [mbpo.rollout_length(e, hopper) for e in (0, 1, 20, 21, 85, 149, 150, 400)] == [1, 1, 1, 1, 8, 14, 15, 15]
+    assert [mbpo.rollout_length(e, (20, 100, 1, 25)) for e in (20, 60, 100)] == [1, 13, 25]
+    assert {mbpo.rollout_length(e, (1, 15, 1, 1)) for e in range(50)} == {1}
+
+
+def step_model(step: float, reward: float) -> mbpo.DynamicsEnsemble:
+    """A 3-member ensemble whose every member predicts s' = s + (step, 0), r = reward with ~zero noise."""
+    model = mbpo.DynamicsEnsemble(2, 1, 3, 8, 1)
+    with torch.no_grad():
+        for weight in model.weights:
+            weight.zero_()
+        model.biases[-1][..., :3] = torch.tensor([step, 0.0, reward])
+        model.max_logvar.fill_(-40.0)  # std < 1e-8
+        model.min_logvar.fill_(-50.0)
+    return model
+
+
+def test_branched_rollouts_stop_at_terminations_and_keep_the_terminal_transition():
+    model = step_model(0.1, 1.0)
+    start = torch.tensor([[0.0, 5.0], [0.1, 6.0], [0.2, 7.0], [0.3, 8.0]])  # the last: terminal after one step
+    rows = mbpo.branched_rollouts(model, torch.tensor([0, 2]), lambda o: torch.zeros(len(o), 1), start, 10,
+                                  lambda s: s[..., 0] > 0.35)
+    buffer = mbpo.TransitionBuffer(100, 2, 1, torch.device("cpu"))
+    obs, act, rew, next_obs, terminated = buffer.split(rows)
+    # rollouts from x = 0, 0.1, 0.2, 0.3 take 4, 3, 2, 1 steps to pass 0.35; then they stop
+    assert len(rows) == 10 and terminated.sum() == 4
+    assert (obs[:, 0] <= 0.35).all()  # no transition starts from a terminal state
+    assert torch.allclose(next_obs - obs, torch.tensor([0.1, 0.0]).expand(10, 2), atol=1e-5)
+    assert torch.allclose(rew, torch.ones(10), atol=1e-5)
+    for y in (5.0, 6.0, 7.0, 8.0):  # each rollout ends with exactly one terminal transition
+        mine = obs[:, 1] == y
+        assert terminated[mine].sum() == 1 and terminated[mine][-1] == 1
+
+
+def test_each_state_is_predicted_by_one_random_elite():
+    model = mbpo.DynamicsEnsemble(1, 1, 4, 8, 1)
+    with torch.no_grad():  # member e predicts s' = s + e, exactly
+        for weight in model.weights:
+            weight.zero_()
+        model.biases[-1][:, 0, 0] = torch.arange(4.0)
+        model.max_logvar.fill_(-40.0)
+        model.min_logvar.fill_(-50.0)
+    torch.manual_seed(0)
+    next_obs, _ = model.sample_random_elite(torch.zeros(1001, 1), torch.zeros(1001, 1), torch.tensor([1, 3]))
+    used = next_obs[:, 0].round()
+    assert set(used.tolist()) == {1.0, 3.0}  # only elites
+    assert abs((used == 1).float().mean() - 0.5) < 0.01  # half each (equal groups, one padded row)
+    again, _ = model.sample_random_elite(torch.zeros(1001, 1), torch.zeros(1001, 1), torch.tensor([1, 3]))
+    assert not torch.equal(again, next_obs)  # a fresh draw at every step
+
+
+def test_transition_buffer_keeps_the_latest_rows_when_full_or_resized():
+    buffer = mbpo.TransitionBuffer(5, 1, 1, torch.device("cpu"))
+    buffer.add(torch.arange(3.0)[:, None].expand(3, 5))
+    buffer.add(torch.arange(3.0, 7.0)[:, None].expand(4, 5))
+    assert buffer.size == 5 and buffer.ordered()[:, 0].tolist() == [2, 3, 4, 5, 6]
+    buffer.resize(3)
+    assert buffer.ordered()[:, 0].tolist() == [4, 5, 6]
+    buffer.resize(6)
+    buffer.add(torch.full((1, 5), 7.0))
+    assert buffer.ordered()[:, 0].tolist() == [4, 5, 6, 7]
+    copy = mbpo.TransitionBuffer(1, 1, 1, torch.device("cpu"))
+    copy.load_state_dict(buffer.state_dict())
+    assert copy.capacity == 6 and torch.equal(copy.ordered(), buffer.ordered())
+
+
+def test_mixed_batches_take_the_real_ratio_from_real_data():
+    real = mbpo.TransitionBuffer(100, 1, 1, torch.device("cpu"))
+    model_data = mbpo.TransitionBuffer(100, 1, 1, torch.device("cpu"))
+    real.add(torch.zeros(50, 5))
+    model_data.add(torch.ones(80, 5))
+    batches = mbpo.sample_batches(real, model_data, 7, 256, 0.05)
+    assert batches.shape == (7, 256, 5)
+    assert (batches[..., 0] == 0).sum(1).tolist() == [12] * 7  # int(256 * 0.05) real rows per batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# SAC pieces
+# ----------------------------------------------------------------------------------------------------
+def test_actor_log_prob_is_that_of_the_squashed_and_scaled_gaussian():
+    torch.manual_seed(0)
+    low, high = np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32)
+    actor = mbpo.Actor(3, 2, 16, low, high)
+    obs = torch.randn(500, 3)
+    action, log_prob = actor(obs)
+    assert (action > torch.as_tensor(low)).all() and (action < torch.as_tensor(high)).all()
+    mean, log_std = actor.net(obs).chunk(2, dim=-1)
+    scale, shift = torch.tensor([2.0, 0.5]), torch.tensor([0.0, 0.5])
+    squashed = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.clamp(-20, 2).exp()),
+        [torch.distributions.TanhTransform(), torch.distributions.AffineTransform(shift, scale)])
+    inside = (action - shift).abs() < 0.999 * scale  # atanh is ill-conditioned at the bounds
+    expected = squashed.log_prob(action)
+    assert torch.allclose(log_prob[inside.all(-1)], expected.sum(-1)[inside.all(-1)], atol=1e-3)
+    assert torch.allclose(actor.mean_action(obs), torch.tanh(mean) * scale + shift)
+
+
+def test_twin_critic_is_two_independent_mlps():
+    critic = mbpo.TwinCritic(3, 2, 8)
+    obs, act = torch.randn(6, 3), torch.randn(6, 2)
+    out = critic(obs, act)
+    for j in range(2):
+        x = torch.cat([obs, act], -1)
+        for i, (w, b) in enumerate(zip(critic.weights, critic.biases)):
+            x = x @ w[j] + b[j]
+            x = torch.relu(x) if i < 2 else x
+        assert torch.allclose(out[j], x[:, 0], atol=1e-6)
+
+
+def test_sac_update_bootstraps_only_non_terminal_transitions():
+    torch.manual_seed(0)
+    args = mbpo.with_env_defaults(mbpo.Args(env_id="Hopper-v5", sac_hidden_size=16))
+    agent = mbpo.SAC(3, 1, -np.ones(1, np.float32), np.ones(1, np.float32), args, torch.device("cpu"))
+    obs, act, next_obs = torch.randn(8, 3), torch.rand(8, 1) * 2 - 1, torch.randn(8, 3)
+    rew, terminated = torch.randn(8), torch.tensor([1.0, 0.0] * 4)
+    seen = {}
+    original = agent.critic.forward
+
+    def record(o, a, detach_params=False):
+        q = original(o, a, detach_params)
+        if not detach_params and o is obs:
+            q.register_hook(lambda g: seen.setdefault("grad", g))
+        return q
+
+    agent.critic.forward = record
+    torch.manual_seed(1)
+    with torch.no_grad():
+        next_act, next_log_prob = agent.actor(next_obs)
+        alpha = agent.log_alpha.exp()
+        bootstrap = agent.critic_target(next_obs, next_act).min(0).values - alpha * next_log_prob
+        q = original(obs, act)
+    torch.manual_seed(1)
+    agent.update(obs, act, rew, next_obs, terminated)
+    # dJ_Q/dQ_j = (Q_j - y) / B with y = r + gamma (1 - d) (min Q' - alpha log pi)
+    target = rew + args.gamma * (1 - terminated) * bootstrap
+    assert torch.allclose(seen["grad"], (q - target) / 8, atol=1e-5)
+    assert not torch.allclose(rew, target)  # the non-terminal rows did bootstrap
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-env defaults (official MBPO config) and the command line
+# ----------------------------------------------------------------------------------------------------
+def test_env_id_picks_the_official_config_and_any_flag_overrides_it():
+    hopper = mbpo.with_env_defaults(tyro.cli(mbpo.Args, args=["--env-id", "Hopper-v5"]))
+    assert (hopper.updates_per_step, hopper.rollout_schedule, hopper.target_entropy) == (20, (20, 150, 1, 15), -1.0)
+    assert (hopper.epoch_length, hopper.init_exploration_steps, hopper.model_train_freq, hopper.total_timesteps) == \
+        (1000, 5000, 250, 125_000)
+    cheetah = mbpo.with_env_defaults(mbpo.Args(env_id="HalfCheetah-v5"))
+    assert (cheetah.updates_per_step, cheetah.rollout_schedule, cheetah.target_entropy) == (40, (20, 150, 1, 1), -3.0)
+    humanoid = mbpo.with_env_defaults(mbpo.Args(env_id="Humanoid-v5"))
+    assert (humanoid.model_hidden_size, humanoid.model_train_freq, humanoid.model_retain_epochs,
+            humanoid.rollout_schedule) == (400, 1000, 5, (20, 300, 1, 25))
+    pendulum = mbpo.with_env_defaults(mbpo.Args(env_id="InvertedPendulum-v5"))
+    assert (pendulum.epoch_length, pendulum.init_exploration_steps, pendulum.updates_per_step,
+            pendulum.target_entropy) == (250, 500, 10, -0.05)
+    override = mbpo.with_env_defaults(tyro.cli(mbpo.Args, args=["--env-id", "Hopper-v5", "--updates-per-step", "5",
+                                                                "--rollout-schedule", "1", "2", "3", "4"]))
+    assert (override.updates_per_step, override.rollout_schedule, override.target_entropy) == (5, (1, 2, 3, 4), -1.0)
+    other = mbpo.with_env_defaults(mbpo.Args(env_id="Swimmer-v5"))
+    assert other.target_entropy is None and other.updates_per_step == 20  # SAC then uses -(action dimensions)
+    assert mbpo.make_env("Ant-v5").observation_space.shape == (27,)  # MBPO's truncated observations
+    assert mbpo.make_env("Humanoid-v5").observation_space.shape == (45,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Smoke: logs, checkpoint, resume, determinism, bad input
+# ----------------------------------------------------------------------------------------------------
+def tiny(**overrides) -> mbpo.Args:
+    base = dict(env_id="InvertedPendulum-v5", total_timesteps=200, init_exploration_steps=60, epoch_length=40,
+                model_train_freq=20, updates_per_step=2, ensemble_size=3, num_elites=2, model_hidden_size=16,
+                num_hidden_layers=2, model_max_epochs=3, rollout_batch_size=64, rollout_schedule=(0, 2, 1, 3),
+                sac_hidden_size=32, batch_size=32, eval_episodes=1, checkpoint_every=1, seed=3, device="cpu")
+    return mbpo.Args(**{**base, **overrides})
+
+
+def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
+    first = mbpo.main(tiny())
+    run_dir = first["run_dir"]
+    files = os.listdir(run_dir)
+    assert any(f.startswith("events.out.tfevents") for f in files) and "args.json" in files
+    assert "mbrl_ensemble.pt" in files and first["global_step"] == 200
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    assert {"charts/episodic_return", "charts/SPS", "eval/return", "model/holdout_mse", "model/rollout_length",
+            "losses/model_loss", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
+            "time/sac_s"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("model/rollout_length")][-1] == 3  # epoch 3 > b = 2: k = y
+    resumed = mbpo.main(tiny(total_timesteps=260, resume=os.path.join(run_dir, "mbrl_ensemble.pt")))
+    assert os.path.samefile(resumed["run_dir"], run_dir) and resumed["global_step"] == 260
+    assert len(resumed["episodic_returns"]) > len(first["episodic_returns"])
+
+
+def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):
+    straight = mbpo.main(tiny(total_timesteps=250))
+    assert mbpo.main(tiny(total_timesteps=250))["episodic_returns"] == straight["episodic_returns"]
+    # stop where the uninterrupted run ended an episode after training began, then resume to the same budget
+    ends = np.cumsum(straight["episodic_lengths"])
+    stop = int(ends[(ends > 100) & (ends < 230)][0])
+    first = mbpo.main(tiny(total_timesteps=stop))
+    resumed = mbpo.main(tiny(total_timesteps=250, resume=os.path.join(first["run_dir"], "mbrl_ensemble.pt")))
+    assert resumed["episodic_returns"] == straight["episodic_returns"]
+    assert resumed["eval_return"] == straight["eval_return"]
+    assert mbpo.main(tiny(total_timesteps=250, seed=4))["episodic_returns"] != straight["episodic_returns"]
+
+
+def test_model_rollouts_never_start_from_terminal_states_of_a_terminating_env(in_tmp):
+    result = mbpo.main(tiny(env_id="Hopper-v5", total_timesteps=180, rollout_batch_size=500))
+    ckpt = torch.load(os.path.join(result["run_dir"], "mbrl_ensemble.pt"), weights_only=False)
+    real, model_rows = ckpt["real_data"]["rows"], ckpt["model_data"]["rows"]
+    obs_dim = 11
+    assert real[:, -1].sum() >= 3  # the random warm-up fell several times: D_env holds terminal states
+    model_obs, model_terminated = model_rows[:, :obs_dim], model_rows[:, -1]
+    assert model_terminated.sum() > 0  # some rollouts terminated ...
+    assert not mbpo.hopper_terminated(model_obs).any()  # ... and none continued from (or began at) a terminal state
+    assert torch.equal(model_terminated.bool(), mbpo.hopper_terminated(model_rows[:, -obs_dim - 1:-1]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(env_id="CartPole-v1"), "Discrete actions"),
+    (dict(env_id="NoSuchEnv-v0"), "unknown environment"),
+    (dict(real_ratio=1.5), "--real-ratio must be in"),
+    (dict(real_ratio=-0.1), "--real-ratio must be in"),
+    (dict(rollout_schedule=(150, 20, 1, 15)), "is not \\[a, b, x, y\\]"),
+    (dict(rollout_schedule=(20, 150, 0, 15)), "is not \\[a, b, x, y\\]"),
+    (dict(rollout_batch_size=0), "--rollout-batch-size must be positive"),
+    (dict(num_elites=5), "cannot exceed --ensemble-size"),
+    (dict(updates_per_step=-1), "--updates-per-step must be positive"),
+    (dict(weight_decays=(1e-4,)), "--weight-decays needs 3 values"),
+    (dict(device="tpu:x"), "is not a device"),
+])
+def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
+    with pytest.raises(mbpo.ConfigError, match=message):
+        mbpo.main(tiny(**overrides))
+    assert not os.path.exists("runs")
+
+
+def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
+    torch.save({"script": "mbrl_mpc", "args": {}}, "other.pt")
+    with pytest.raises(mbpo.ConfigError, match="written by mbrl_mpc, not mbrl_ensemble.py"):
+        mbpo.main(tiny(resume="other.pt"))
+    run_dir = mbpo.main(tiny(total_timesteps=70))["run_dir"]
+    with pytest.raises(mbpo.ConfigError, match="is a run on InvertedPendulum-v5"):
+        mbpo.main(tiny(env_id="Hopper-v5", resume=os.path.join(run_dir, "mbrl_ensemble.pt")))
+
+
+def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mbrl_ensemble.py"), "--real-ratio", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --real-ratio must be in [0, 1]"), proc.stderr
+    assert not os.path.exists("runs")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning, against the random policy measured in the same run
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sac_alone_learns_inverted_pendulum(in_tmp):
+    result = mbpo.main(mbpo.Args(env_id="InvertedPendulum-v5", real_ratio=1.0, total_timesteps=3000,
+                                 sac_hidden_size=64, eval_episodes=3, save_model=False))
+    random_returns = result["episodic_returns"][:10]  # the 500 warm-up steps: uniform random actions
+    assert np.mean(random_returns) < 30, random_returns
+    assert result["eval_return"] > 10 * np.mean(random_returns), (result["eval_return"], random_returns)
+
+
+@pytest.mark.slow
+def test_mbpo_solves_inverted_pendulum_within_a_few_thousand_steps(in_tmp):
+    # the official InvertedPendulum config (500 random steps, G = 10, epochs of 250 steps); seen: 1000 from 2250 on
+    result = mbpo.main(mbpo.Args(env_id="InvertedPendulum-v5", total_timesteps=3000, eval_episodes=3,
+                                 save_model=False))
+    random_returns = result["episodic_returns"][:10]
+    assert np.mean(random_returns) < 30, random_returns
+    assert result["eval_return"] >= 900, result["eval_return"]  # max return 1000
+
+
+@pytest.mark.slow
+def test_mbpo_beats_random_on_hopper_at_a_small_budget(in_tmp):
+    result = mbpo.main(mbpo.Args(env_id="Hopper-v5", total_timesteps=4000, init_exploration_steps=1000,
+                                 rollout_batch_size=20_000, updates_per_step=10, sac_hidden_size=64,
+                                 eval_episodes=3, save_model=False))
+    lengths = np.cumsum(result["episodic_lengths"])
+    random_returns = np.array(result["episodic_returns"])[lengths <= 1000]
+    assert result["eval_return"] > 5 * np.mean(random_returns), (result["eval_return"], random_returns)
