@@ -23,13 +23,15 @@ Where this script differs from the official MBPO code (TF1 on gym v2) and why:
   - gymnasium v5 environments; Ant-v5 and Humanoid-v5 are made without contact forces / com inertia,
     velocities and actuator forces in the observation (27 and 45 dims), which are the observations of
     MBPO's AntTruncatedObs and HumanoidTruncatedObs.
-  - Model targets (s' - s, r) are normalised with the training data's mean/std (official: inputs only);
-    the held-out loss that stops training and ranks the elites is the MSE in those normalised units.
+  - Model targets (s' - s, r) are normalised with the training data's mean/std for the NLL (official:
+    inputs only); the held-out MSE that stops training and ranks the elites is in the targets' own
+    units, as in the official code.
   - A random elite per sampled state is drawn by shuffling the states into equal groups, one per elite,
     so each step costs one batched forward of the elites instead of all 7 members on every state.
   - Checkpoints are written at episode ends (so a resumed run repeats an uninterrupted one exactly);
     a crash loses at most `checkpoint_every` steps plus one episode.
-Speed and learning curves, measured side by side with mbrl-lib: docs/mbrl_ensemble.md.
+Speed (docs/mbrl_ensemble.md): on an NVIDIA H200 the G SAC updates of an env step run as one CUDA graph,
+0.51 ms per update instead of 4.7 (Hopper 47 env steps/s); on 2 CPU cores at parity with mbrl-lib (0.96x).
 """
 
 import copy
@@ -416,10 +418,10 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, input
     bootstrap = train[torch.randint(n_train, (E, n_train), device=device)]  # [E, n_train], with replacement
     x_holdout, y_holdout = x_all[holdout].expand(E, -1, -1), y_all[holdout]
 
-    def holdout_mse() -> torch.Tensor:  # [E]
+    def holdout_mse() -> torch.Tensor:  # [E], in the targets' own units (official), not normalised ones
         with torch.no_grad():
             mean, _ = model(x_holdout)
-            return (mean - y_holdout).pow(2).mean(dim=(1, 2))
+            return ((mean - y_holdout) * model.target_std).pow(2).mean(dim=(1, 2))
 
     best = torch.full((E,), 1e10)  # as the official code: the first epoch always counts as an improvement
     member_params = [*model.weights, *model.biases]  # each [E, ...]: member e's weights are [e]
@@ -454,7 +456,7 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, input
     final = holdout_mse().cpu() if n_holdout else torch.zeros(E)
     elites = torch.argsort(final)[:args.num_elites].to(device)
     metrics = {"losses/model_loss": torch.stack(losses).mean().item(), "model/train_epochs": epoch,
-               "model/holdout_mse": final[elites.cpu()].mean().item()}  # normalised units, mean over elites
+               "model/holdout_mse": final[elites.cpu()].mean().item()}  # mean over the elites
     return elites, metrics
 
 
