@@ -58,6 +58,18 @@ def test_elites_are_the_members_with_the_lowest_holdout_loss():
     assert sorted(elites.tolist()) == [1, 3]
 
 
+def test_a_training_capped_at_one_epoch_keeps_that_epoch():
+    torch.manual_seed(2)
+    inputs, targets = as_model_data(heteroscedastic_data(1000, np.random.default_rng(2)))
+    model = mbpo.DynamicsEnsemble(1, 1, 3, 32, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [w.detach().clone() for w in model.weights]
+    mbpo.train_model(model, optimizer, inputs, targets, mbpo.Args(ensemble_size=3, num_elites=2, num_hidden_layers=2,
+                                                                  model_max_epochs=1, model_batch_size=32))
+    # the epoch improved on the 1e10 start, so restoring each member's best epoch must keep it
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.weights))
+
+
 def test_model_loss_is_the_gaussian_nll_with_bound_penalty_and_weight_decay():
     torch.manual_seed(0)
     model = mbpo.DynamicsEnsemble(2, 1, 3, 16, 2)
