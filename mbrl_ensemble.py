@@ -91,7 +91,7 @@ class Args:
     epoch_length: Optional[int] = None
     """real steps per epoch (the unit of the rollout schedule and of evaluation); 1000, InvertedPendulum 250"""
     init_exploration_steps: Optional[int] = None
-    """real steps of uniform random actions before training starts; 5000, InvertedPendulum 500"""
+    """real steps of uniform random actions before training starts (>= 1); 5000, InvertedPendulum 500"""
     updates_per_step: Optional[int] = None
     """G: SAC updates per real env step; Hopper 20, HalfCheetah 40, InvertedPendulum 10"""
     rollout_schedule: Optional[tuple[int, int, int, int]] = None
@@ -201,9 +201,11 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["init_exploration_steps", "eval_episodes"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.eval_episodes < 0:
+        raise ConfigError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    if args.init_exploration_steps < 1:
+        raise ConfigError(f"--init-exploration-steps must be >= 1 (the first model and SAC batch need data), "
+                          f"got {args.init_exploration_steps}")
     if args.model_max_epochs is not None and args.model_max_epochs <= 0:
         raise ConfigError(f"--model-max-epochs must be positive, got {args.model_max_epochs}")
     if args.num_elites > args.ensemble_size:

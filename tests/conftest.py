@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,3 +27,14 @@ def heteroscedastic_data(n: int, rng: np.random.Generator) -> dict[str, np.ndarr
     delta = np.sin(3 * obs) * act + noise_std * rng.standard_normal((n, 1))
     rew = np.cos(2 * obs[:, 0]) + act[:, 0] ** 2
     return {"obs": obs, "act": act, "next_obs": (obs + delta).astype(np.float32), "rew": rew.astype(np.float32)}
+
+
+def run_events(run_dir: str, script: str) -> EventAccumulator:
+    """Assert that a run folder holds what the conventions promise (TensorBoard events, args.json, the
+    script's checkpoint) and return its loaded events."""
+    files = os.listdir(run_dir)
+    assert any(f.startswith("events.out.tfevents") for f in files) and "args.json" in files
+    assert f"{script}.pt" in files, files
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return events

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import mbrl_ensemble as mbpo
-from conftest import ROOT, heteroscedastic_data
+from conftest import ROOT, heteroscedastic_data, run_events
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,11 +266,8 @@ def tiny(**overrides) -> mbpo.Args:
 def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     first = mbpo.main(tiny())
     run_dir = first["run_dir"]
-    files = os.listdir(run_dir)
-    assert any(f.startswith("events.out.tfevents") for f in files) and "args.json" in files
-    assert "mbrl_ensemble.pt" in files and first["global_step"] == 200
-    events = EventAccumulator(run_dir)
-    events.Reload()
+    events = run_events(run_dir, "mbrl_ensemble")
+    assert first["global_step"] == 200
     assert {"charts/episodic_return", "charts/SPS", "eval/return", "model/holdout_mse", "model/rollout_length",
             "losses/model_loss", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
             "time/sac_s"} <= set(events.Tags()["scalars"])
@@ -318,6 +314,7 @@ def test_model_rollouts_never_start_from_terminal_states_of_a_terminating_env(in
     (dict(updates_per_step=-1), "--updates-per-step must be positive"),
     (dict(weight_decays=(1e-4,)), "--weight-decays needs 3 values"),
     (dict(device="tpu:x"), "is not a device"),
+    (dict(init_exploration_steps=0), "the first model and SAC batch need data"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
     with pytest.raises(mbpo.ConfigError, match=message):

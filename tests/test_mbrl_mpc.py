@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import mbrl_mpc as mpc
-from conftest import ROOT, heteroscedastic_data
+from conftest import ROOT, heteroscedastic_data, run_events
 
 # ----------------------------------------------------------------------------------------------------
 # Planners on a linear system with quadratic cost: x' = A x + B u, r = -(|x'|^2 + 0.1 u^2)
@@ -204,11 +203,8 @@ def tiny(**overrides) -> mpc.Args:
 def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     first = mpc.main(tiny())
     run_dir = first["run_dir"]
-    files = os.listdir(run_dir)
-    assert any(f.startswith("events.out.tfevents") for f in files) and "args.json" in files
-    assert "mbrl_mpc.pt" in files and first["global_step"] == 60
-    events = EventAccumulator(run_dir)
-    events.Reload()
+    events = run_events(run_dir, "mbrl_mpc")
+    assert first["global_step"] == 60
     assert {"charts/episodic_return", "charts/SPS", "model/holdout_mse", "losses/model_loss", "time/plan_ms",
             "eval/return"} <= set(events.Tags()["scalars"])
     assert first["eval_return"] is not None and "model/holdout_mse" in first
