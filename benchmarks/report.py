@@ -1,0 +1,208 @@
+"""Turn sweeps made by benchmarks/run.py into a tidy CSV, learning-curve PNGs and a table next to published numbers.
+
+  python benchmarks/report.py runs/sweeps/mbrl_ensemble-cpu
+  python benchmarks/report.py runs/sweeps/mbrl_mpc-cpu runs/sweeps/mbrl_mpc-cpu_horizon --out benchmarks/results/x
+
+Writes to --out (default benchmarks/results/<sweep name>):
+  curves.csv    one row per logged value: sweep, script, env, variant, seed, step, metric, value, wall_time
+                (s since the run's first event; a resumed run includes its pauses), hardware, status
+  <env>.png     one figure per env: mean +- std over seeds per (sweep, script, variant), each seed thin,
+                published numbers as crosses
+  table.md      the metric at the table steps: mean +- std over the seeds that reached the step (values
+                linearly interpolated between logged points), per seed, and the published number at that
+                step from --published (script, env, step, metric, value, source) where there is one
+Runs still going or interrupted are included up to where they got (their status says so).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import matplotlib
+import numpy as np
+import tyro
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    sweeps: tyro.conf.Positional[list[str]]
+    """sweep folders written by benchmarks/run.py (runs/sweeps/<name>)"""
+    metric: Optional[str] = None
+    """TensorBoard key to report (default: the first sweep's metric)"""
+    steps: Optional[list[int]] = None
+    """env steps of the table (default: the sweeps' table steps)"""
+    published: str = os.path.join(ROOT, "benchmarks", "published.csv")
+    """published numbers: CSV with columns script, env, step, metric, value, source"""
+    out: Optional[str] = None
+    """output folder (default benchmarks/results/<sweep name>, names joined by '+')"""
+
+
+@dataclass
+class Run:
+    sweep: str
+    script: str
+    env: str
+    variant: str
+    seed: int
+    status: str
+    hardware: str
+    steps: np.ndarray
+    values: np.ndarray
+    wall: np.ndarray
+
+    @property
+    def group(self) -> tuple[str, str, str, str]:
+        return self.sweep, self.script, self.env, self.variant
+
+
+def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
+    """The sweep's settings and its jobs' records (job.json plus the folder the script wrote)."""
+    try:
+        with open(os.path.join(sweep_dir, "sweep.json")) as f:
+            sweep = json.load(f)
+    except OSError:
+        raise SystemExit(f"error: {sweep_dir} is not a sweep folder of benchmarks/run.py (no sweep.json)")
+    jobs = []
+    for path in sorted(glob.glob(os.path.join(sweep_dir, "*", "job.json"))):
+        with open(path) as f:
+            job = json.load(f)
+        run_dirs = glob.glob(os.path.join(os.path.dirname(path), "runs", "*", "args.json"))
+        job["run_dir"] = os.path.dirname(max(run_dirs, key=os.path.getmtime)) if run_dirs else None
+        jobs.append(job)
+    return sweep, jobs
+
+
+def read_scalars(run_dir: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = events.Scalars(metric) if metric in events.Tags()["scalars"] else []
+    steps = np.array([s.step for s in scalars], dtype=np.int64)
+    values = np.array([s.value for s in scalars], dtype=np.float64)
+    wall = np.array([s.wall_time for s in scalars]) - (scalars[0].wall_time if scalars else 0.0)
+    return steps, values, wall
+
+
+def value_at(run: Run, step: int) -> Optional[float]:
+    """The run's metric at an env step, interpolated between logged points; None outside what it logged."""
+    if len(run.steps) == 0 or not run.steps[0] <= step <= run.steps[-1]:
+        return None
+    return float(np.interp(step, run.steps, run.values))
+
+
+def read_published(path: str) -> dict[tuple[str, str, int, str], tuple[float, str]]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {(row["script"], row["env"], int(row["step"]), row["metric"]): (float(row["value"]), row["source"])
+                for row in csv.DictReader(line for line in f if not line.startswith("#"))}
+
+
+def label(group: tuple[str, str, str, str], many_sweeps: bool) -> str:
+    sweep, script, _, variant = group
+    return " ".join(part for part in [sweep if many_sweeps else script, variant] if part)
+
+
+def plot_env(env: str, runs: list[Run], published: dict, metric: str, many_sweeps: bool, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups = sorted({run.group for run in runs})
+    for color, group in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, groups):
+        members = [run for run in runs if run.group == group and len(run.steps)]
+        if not members:
+            continue
+        for run in members:
+            ax.plot(run.steps, run.values, color=color, lw=0.6, alpha=0.35)
+        # seeds log at different steps (episode ends): average on a common grid up to the shortest seed
+        grid = np.linspace(max(r.steps[0] for r in members), min(r.steps[-1] for r in members), 200)
+        curves = np.stack([np.interp(grid, r.steps, r.values) for r in members])
+        mean, std = curves.mean(0), curves.std(0)
+        ax.plot(grid, mean, color=color, lw=2, label=f"{label(group, many_sweeps)} ({len(members)} seeds)")
+        ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
+    scripts = {run.script for run in runs}
+    points = [(step, value, source) for (script, penv, step, pmetric), (value, source) in published.items()
+              if penv == env and pmetric == metric and script in scripts]
+    if points:
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker="x", color="k", zorder=5,
+                   label="published (see table)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{env} ({', '.join(sorted({run.sweep for run in runs}))})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(runs: list[Run], steps: list[int], published: dict, metric: str, many_sweeps: bool) -> list[str]:
+    lines = [f"| run | env | env steps | `{metric}` mean ± std (seeds) | per seed | published | source |",
+             "|---|---|---|---|---|---|---|"]
+    for group in sorted({run.group for run in runs}):
+        members = sorted((run for run in runs if run.group == group), key=lambda run: run.seed)
+        for step in steps:
+            values = [(run.seed, value_at(run, step)) for run in members]
+            reached = [v for _, v in values if v is not None]
+            ours = f"{np.mean(reached):.1f} ± {np.std(reached):.1f} ({len(reached)})" if reached else "not reached"
+            per_seed = ", ".join(f"{v:.1f}" if v is not None else "-" for _, v in values)
+            value, source = published.get((group[1], group[2], step, metric), (None, ""))
+            lines.append(f"| {label(group, many_sweeps)} | {group[2]} | {step} | {ours} | {per_seed} | "
+                         f"{'' if value is None else f'{value:g}'} | {source} |")
+    return lines
+
+
+def main(args: Args) -> dict:
+    sweeps = [read_sweep(sweep_dir) for sweep_dir in args.sweeps]
+    settings = [sweep for sweep, _ in sweeps]
+    metric = args.metric or settings[0]["metric"]
+    runs, missing = [], []
+    for sweep, jobs in sweeps:
+        for job in jobs:
+            if job["run_dir"] is None:
+                missing.append(f"{sweep['name']}/{job['key']} ({job.get('status')}, no run folder)")
+                continue
+            runs.append(Run(sweep["name"], job["script"], job["env"], job.get("variant", ""), job["seed"],
+                            job.get("status", "?"), job.get("hardware", ""), *read_scalars(job["run_dir"], metric)))
+    steps = args.steps or sorted({s for sweep in settings for s in sweep.get("table_steps", [])})
+    many_sweeps = len(settings) > 1
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "+".join(s["name"] for s in settings))
+    os.makedirs(out, exist_ok=True)
+    published = read_published(args.published)
+
+    with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sweep", "script", "env", "variant", "seed", "step", "metric", "value", "wall_time",
+                         "hardware", "status"])
+        for run in runs:
+            for step, value, wall in zip(run.steps, run.values, run.wall):
+                writer.writerow([run.sweep, run.script, run.env, run.variant, run.seed, int(step), metric,
+                                 f"{value:.4f}", f"{wall:.1f}", run.hardware, run.status])
+    envs = sorted({run.env for run in runs})
+    for env in envs:
+        plot_env(env, [run for run in runs if run.env == env], published, metric, many_sweeps,
+                 os.path.join(out, f"{env.replace(':', '-')}.png"))
+    lines = table(runs, steps, published, metric, many_sweeps)
+    unfinished = [f"{run.sweep}/{run.script} {run.env} {run.variant} seed {run.seed} ({run.status})"
+                  for run in runs if run.status != "finished"]
+    notes = [f"- not finished, included up to its last logged step: {u}" for u in unfinished]
+    notes += [f"- no data: {m}" for m in missing]
+    hardware = sorted({run.hardware for run in runs if run.hardware})
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join([f"Sweeps: {', '.join(s['name'] for s in settings)}; hardware: {'; '.join(hardware)}",
+                           "", *lines, "", *notes]) + "\n")
+    print("\n".join(lines + notes))
+    print(f"wrote {out}/curves.csv, table.md and {len(envs)} figure(s)")
+    return {"out": out, "runs": len(runs), "table_rows": len(lines) - 2, "figures": len(envs)}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
