@@ -627,9 +627,14 @@ def main(args: Args) -> dict:
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "tasks": task_rng.bit_generator.state}})
 
+    # the classic bandit strategies on the same held-out tasks, the yardstick of the paper's Table 1
+    baselines = ({f"meta/{name}_trial_return": value for name, value in bandit_baselines(
+        eval_task_params, args.episodes_per_trial, np.random.default_rng(args.seed + 20_000)).items()
+        if name != "ucb1_c"} if args.task == "bandit" and args.eval_tasks else {})
+
     def evaluate(step: int) -> dict:
         returns = meta_test(policy, args, eval_task_params, device)  # [tasks, episodes]
-        metrics = {"meta/trial_return": float(returns.sum(1).mean())}
+        metrics = {"meta/trial_return": float(returns.sum(1).mean()), **baselines}
         if args.episodes_per_trial <= 10:
             metrics.update({f"meta/episode_{k + 1}_return": float(r) for k, r in enumerate(returns.mean(0))})
         logger.scalars(metrics, step)

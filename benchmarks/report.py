@@ -8,7 +8,7 @@ Writes to --out (default benchmarks/results/<sweep name>):
                 (s since the run's first event; a resumed run includes its pauses), hardware, status
   <env>.png     one figure per env: mean +- std over seeds per (sweep, script, variant), each seed thin,
                 published numbers as crosses
-  table.md      the metric at the table steps: mean +- std over the seeds that reached the step (values
+  table.md      the metric at the table steps (per env where the sweep sets env_table_steps): mean +- std over the seeds that reached the step (values
                 linearly interpolated between logged points), per seed, and the published number at that
                 step from --published (script, env, step, metric, value, source) where there is one
 Runs still going or interrupted are included up to where they got (their status says so).
@@ -144,12 +144,12 @@ def plot_env(env: str, runs: list[Run], published: dict, metric: str, many_sweep
     plt.close(fig)
 
 
-def table(runs: list[Run], steps: list[int], published: dict, metric: str, many_sweeps: bool) -> list[str]:
+def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric: str, many_sweeps: bool) -> list[str]:
     lines = [f"| run | env | env steps | `{metric}` mean ± std (seeds) | per seed | published | source |",
              "|---|---|---|---|---|---|---|"]
     for group in sorted({run.group for run in runs}):
         members = sorted((run for run in runs if run.group == group), key=lambda run: run.seed)
-        for step in steps:
+        for step in steps[group[2]]:
             values = [(run.seed, value_at(run, step)) for run in members]
             reached = [v for _, v in values if v is not None]
             ours = f"{np.mean(reached):.1f} ± {np.std(reached):.1f} ({len(reached)})" if reached else "not reached"
@@ -172,7 +172,9 @@ def main(args: Args) -> dict:
                 continue
             runs.append(Run(sweep["name"], job["script"], job["env"], job.get("variant", ""), job["seed"],
                             job.get("status", "?"), job.get("hardware", ""), *read_scalars(job["run_dir"], metric)))
-    steps = args.steps or sorted({s for sweep in settings for s in sweep.get("table_steps", [])})
+    def table_steps(env: str) -> list[int]:  # --steps, else the sweeps' steps for this env, else their steps
+        per_env = {s for sweep in settings for s in sweep.get("env_table_steps", {}).get(env, [])}
+        return args.steps or sorted(per_env or {s for sweep in settings for s in sweep.get("table_steps", [])})
     many_sweeps = len(settings) > 1
     out = args.out or os.path.join(ROOT, "benchmarks", "results", "+".join(s["name"] for s in settings))
     os.makedirs(out, exist_ok=True)
@@ -190,7 +192,7 @@ def main(args: Args) -> dict:
     for env in envs:
         plot_env(env, [run for run in runs if run.env == env], published, metric, many_sweeps,
                  os.path.join(out, f"{env.replace(':', '-')}.png"))
-    lines = table(runs, steps, published, metric, many_sweeps)
+    lines = table(runs, {env: table_steps(env) for env in envs}, published, metric, many_sweeps)
     unfinished = [f"{run.sweep}/{run.script} {run.env} {run.variant} seed {run.seed} ({run.status})"
                   for run in runs if run.status != "finished"]
     notes = [f"- not finished, included up to its last logged step: {u}" for u in unfinished]

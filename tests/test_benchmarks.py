@@ -74,7 +74,8 @@ def test_bad_sweep_is_one_clear_line(tmp_path, flags, message):
 
 def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_rerun(tmp_path):
     # CartPole-v1 (discrete actions) is the deliberately failing run: the script refuses it at once
-    config = write_config(tmp_path / "c.toml", ["InvertedPendulum-v5", "CartPole-v1"], [1, 2])
+    per_env_steps = '[experiments.tiny.env_table_steps]\n"InvertedPendulum-v5" = [30, 45, 50]\n'
+    config = write_config(tmp_path / "c.toml", ["InvertedPendulum-v5", "CartPole-v1"], [1, 2], per_env_steps)
     out = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--max-parallel", "2")
     assert out.returncode == 1
     assert "FAILED mbrl_mpc__CartPole-v1__s1" in out.stdout and "FAILED mbrl_mpc__CartPole-v1__s2" in out.stdout
@@ -84,7 +85,7 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
         record = job(tmp_path, "c-tiny", f"mbrl_mpc__InvertedPendulum-v5__s{seed}")
         assert record["status"] == "finished" and record["attempts"] == 1 and record["threads"] == 1
 
-    # report: tidy CSV, one figure per env with data, the table's rows = runs' groups x table steps
+    # report: tidy CSV, one figure per env with data, the table's rows = runs' groups x the env's table steps
     published = tmp_path / "published.csv"
     published.write_text("script,env,step,metric,value,source\n"
                          "mbrl_mpc,InvertedPendulum-v5,50,charts/episodic_return,7.5,a test source\n")
@@ -99,8 +100,8 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     assert sorted(os.listdir(report_dir)) == ["InvertedPendulum-v5.png", "curves.csv", "table.md"]
     table = (report_dir / "table.md").read_text()
     table_rows = [line for line in table.splitlines() if line.startswith("| mbrl_mpc")]
-    assert len(table_rows) == 2 and all("(2) |" in line for line in table_rows)
-    assert "| 50 |" in table_rows[1] and "| 7.5 | a test source |" in table_rows[1]
+    assert len(table_rows) == 3 and all("(2) |" in line for line in table_rows)
+    assert "| 50 |" in table_rows[2] and "| 7.5 | a test source |" in table_rows[2]
     assert "no data: c-tiny/mbrl_mpc__CartPole-v1__s1 (failed" in table
 
     # the same sweep without the failing env: everything is finished, nothing starts or changes

@@ -82,6 +82,7 @@ def test_smoke_run_writes_logs_checkpoint_and_resume_equals_an_uninterrupted_run
     events = run_events(straight["run_dir"], "rl2_recurrent")
     assert straight["global_step"] == 400 and straight["updates"] == 5  # 8 trials x 10 pulls per update
     assert {"charts/trial_return", "charts/SPS", "losses/policy_loss", "losses/value_loss", "meta/trial_return",
+            "meta/ucb1_trial_return", "meta/thompson_trial_return",
             "meta/episode_1_return", "meta/episode_10_return", "time/sampling_sps"} <= set(events.Tags()["scalars"])
     first = rl2.main(tiny(total_timesteps=160))
     resumed = rl2.main(tiny(total_timesteps=400, resume=os.path.join(first["run_dir"], "rl2_recurrent.pt")))
@@ -129,19 +130,18 @@ def test_checkpoints_of_other_scripts_or_tasks_are_refused(in_tmp):
 @pytest.mark.slow
 def test_learns_bandits_close_to_ucb1_and_thompson_sampling(in_tmp):
     # 5 arms, 10 pulls per trial (the paper's first row); the classic strategies on the same held-out tasks
-    result = rl2.main(rl2.Args(task="bandit", total_timesteps=1_000_000, hidden_size=64, eval_tasks=2000,
+    result = rl2.main(rl2.Args(task="bandit", total_timesteps=500_000, hidden_size=64, eval_tasks=2000,
                                eval_every=1000, seed=1, device="cpu", save_model=False))
-    rng = np.random.default_rng(0)
-    baselines = rl2.bandit_baselines(result["eval_task_params"], 10, rng)
-    learned = result["meta/trial_return"]
-    print(f"RL^2 {learned:.2f}, baselines {baselines}")
-    assert learned > baselines["random"] + 1.0
-    assert learned > min(baselines["ucb1"], baselines["thompson"]) - 0.2
+    learned, random_, ucb1, thompson = (result[f"meta/{name}trial_return"] for name in ["", "random_", "ucb1_",
+                                                                                          "thompson_"])
+    print(f"RL^2 {learned:.2f}, random {random_:.2f}, UCB1 {ucb1:.2f}, Thompson sampling {thompson:.2f}")
+    assert learned > random_ + 1.0
+    assert learned > thompson and learned > ucb1 - 0.4
 
 
 @pytest.mark.slow
 def test_navigation_second_episode_uses_what_the_first_found(in_tmp):
-    args = rl2.Args(task="navigation2d", episode_length=20, total_timesteps=600_000, hidden_size=64, eval_tasks=200,
+    args = rl2.Args(task="navigation2d", episode_length=20, total_timesteps=350_000, hidden_size=64, eval_tasks=200,
                     eval_every=1000, seed=1, device="cpu", save_model=False)
     result = rl2.main(args)
     full = rl2.with_task_defaults(args)
