@@ -14,9 +14,9 @@ Task families (`--task`): bandit (k-armed Bernoulli, p_i ~ U[0, 1], one pull = o
 0.05 |a|^2), HalfCheetahDir (+-1, r = d v_x - 0.05 |a|^2), AntDir (+-1, r = d v_x + Ant-v5's other terms).
 
 Headline benchmark (HalfCheetahVel, 2 episodes of 200 steps per trial):  python rl2_recurrent.py
-Small CPU configurations (a few minutes on 2 cores):
-  python rl2_recurrent.py --task bandit --total-timesteps 1500000        # 5 arms, 10 pulls per trial
-  python rl2_recurrent.py --task navigation2d --episode-length 20 --total-timesteps 2000000
+Small CPU configurations (a few minutes each on 2 cores; docs/rl2_recurrent.md):
+  python rl2_recurrent.py --task bandit --total-timesteps 1000000 --hidden-size 64   # 5 arms, 10 pulls per trial
+  python rl2_recurrent.py --task navigation2d --episode-length 20 --total-timesteps 1000000 --hidden-size 64
 
 Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage) and why:
   - PPO (clip 0.2, GAE lambda 0.95, gamma 0.99, Adam 1e-3, 10 epochs, as garage's RL2PPO) instead of the
@@ -311,15 +311,21 @@ class RecurrentPolicy(nn.Module):
             nn.init.orthogonal_(self.policy_head.weight, 0.01)  # start near the zero action
             nn.init.zeros_(self.policy_head.bias)
 
-    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor):
-        """inputs [T, N, input_dim], hidden [1, N, H] -> (action distribution over [T, N], last hidden)."""
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs [T, N, input_dim], hidden [1, N, H] -> (logits or Gaussian means [T, N, act_dim], last hidden)."""
         features, hidden = self.gru(inputs, hidden)
-        out = self.policy_head(features)
+        return self.policy_head(features), hidden
+
+    def distribution(self, out: torch.Tensor):
         if self.discrete:
-            dist = torch.distributions.Categorical(logits=out, validate_args=False)
-        else:
-            dist = torch.distributions.Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
-        return dist, hidden
+            return torch.distributions.Categorical(logits=out, validate_args=False)
+        return torch.distributions.Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+
+    def act(self, out: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """An action from the head's output; the per-step path of sampling, so no distribution object."""
+        if self.discrete:
+            return out.argmax(-1) if greedy else torch.multinomial(out.softmax(-1), 1)[:, 0]
+        return out if greedy else out + self.log_std.exp() * torch.randn_like(out)
 
     def value(self, inputs: torch.Tensor) -> torch.Tensor:
         """V(x_1, ..., x_t) for whole trials [T, N, input_dim] -> [T, N]."""
@@ -337,9 +343,6 @@ class RecurrentPolicy(nn.Module):
 
     def entropy(self, dist) -> torch.Tensor:
         return dist.entropy() if self.discrete else dist.entropy().sum(-1)
-
-    def greedy(self, dist) -> torch.Tensor:
-        return dist.probs.argmax(-1) if self.discrete else dist.mean
 
     def initial_hidden(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(1, n, self.gru.hidden_size, device=device)
@@ -362,7 +365,7 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
     hidden = policy.initial_hidden(n, device)
     # x_t = [s_t, a_{t-1} (one-hot for a bandit), r_{t-1}, d_{t-1}]; zeros for what precedes a trial
     prev = torch.zeros(n, policy.act_dim + 2, device=device)
-    inputs, actions, log_probs, rewards, hiddens = [], [], [], [], []
+    inputs, actions, outs, rewards, hiddens = [], [], [], [], []
     if not policy.discrete:  # the policy acts in [-1, 1] per dimension, scaled to the env's bounds
         low, high = tasks.action_space.low, tasks.action_space.high
         scale, offset = (high - low) / 2, (high + low) / 2
@@ -373,19 +376,20 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
         for t in range(length):
             x = torch.cat([torch.as_tensor(obs, device=device), prev], -1)
             hiddens.append(hidden[0])
-            dist, hidden = policy(x[None], hidden)
-            action = policy.greedy(dist)[0] if greedy else dist.sample()[0]
+            out, hidden = policy(x[None], hidden)
+            action = policy.act(out[0], greedy)
             action_np = action.cpu().numpy()
             obs, reward = tasks.step(action_np if policy.discrete else np.clip(action_np, -1, 1) * scale + offset)
             inputs.append(x)
             actions.append(action)
-            log_probs.append(policy.log_prob(dist, action[None])[0])
+            outs.append(out[0])
             rewards.append(torch.as_tensor(reward, device=device))
             done = float(t == length - 1)  # every episode ends at its last step
             prev = torch.cat([nn.functional.one_hot(action, policy.act_dim).float() if policy.discrete
                               else action.clamp(-1, 1), rewards[-1][:, None], torch.full((n, 1), done, device=device)], -1)
-    stacked = {k: torch.stack(v) for k, v in [("inputs", inputs), ("actions", actions), ("log_probs", log_probs),
-                                              ("rewards", rewards), ("hiddens", hiddens)]}
+    stacked = {k: torch.stack(v) for k, v in [("inputs", inputs), ("actions", actions), ("rewards", rewards),
+                                              ("hiddens", hiddens)]}
+    stacked["log_probs"] = policy.log_prob(policy.distribution(torch.stack(outs)), stacked["actions"])
     stacked["values"] = policy.value(stacked["inputs"])
     stacked["episode_returns"] = stacked["rewards"].reshape(episodes, length, n).sum(1).T.cpu()
     return stacked
@@ -413,7 +417,8 @@ def ppo_update(policy: RecurrentPolicy, optimizer: torch.optim.Optimizer, batch:
     stats = []
     for _ in range(args.update_epochs):
         for trials in torch.randperm(n, device=returns.device).chunk(args.num_minibatches):
-            dist, _ = policy(batch["inputs"][:, trials], policy.initial_hidden(len(trials), returns.device))
+            out, _ = policy(batch["inputs"][:, trials], policy.initial_hidden(len(trials), returns.device))
+            dist = policy.distribution(out)
             value = policy.value(batch["inputs"][:, trials])
             log_prob = policy.log_prob(dist, batch["actions"][:, trials])
             ratio = (log_prob - batch["log_probs"][:, trials]).exp()
