@@ -384,9 +384,9 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
             actions.append(action)
             outs.append(out[0])
             rewards.append(torch.as_tensor(reward, device=device))
-            done = float(t == length - 1)  # every episode ends at its last step
+            done = torch.full((n, 1), float(t == length - 1), device=device)  # episodes end at their last step
             prev = torch.cat([nn.functional.one_hot(action, policy.act_dim).float() if policy.discrete
-                              else action.clamp(-1, 1), rewards[-1][:, None], torch.full((n, 1), done, device=device)], -1)
+                              else action.clamp(-1, 1), rewards[-1][:, None], done], -1)
     stacked = {k: torch.stack(v) for k, v in [("inputs", inputs), ("actions", actions), ("rewards", rewards),
                                               ("hiddens", hiddens)]}
     stacked["log_probs"] = policy.log_prob(policy.distribution(torch.stack(outs)), stacked["actions"])

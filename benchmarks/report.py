@@ -8,9 +8,10 @@ Writes to --out (default benchmarks/results/<sweep name>):
                 (s since the run's first event; a resumed run includes its pauses), hardware, status
   <env>.png     one figure per env: mean +- std over seeds per (sweep, script, variant), each seed thin,
                 published numbers as crosses
-  table.md      the metric at the table steps (per env where the sweep sets env_table_steps): mean +- std over the seeds that reached the step (values
-                linearly interpolated between logged points), per seed, and the published number at that
-                step from --published (script, env, step, metric, value, source) where there is one
+  table.md      the metric at the table steps (per env where the sweep sets env_table_steps): mean +- std
+                over the seeds that reached the step (values linearly interpolated between logged points),
+                per seed, and the published number at that step from --published (script, env, step,
+                metric, value, source) where there is one
 Runs still going or interrupted are included up to where they got (their status says so).
 """
 

@@ -154,9 +154,10 @@ def load_sweep(args: Args) -> Sweep:
                  env_flag="--env-id" if spec.get("env_ids") else "--task", seeds=[int(s) for s in spec["seeds"]],
                  flags=shlex.split(spec.get("flags", "")),
                  env_flags={env: shlex.split(f) for env, f in spec.get("env_flags", {}).items()},
-                 variants=list(spec.get("variants") or [""]), metric=spec.get("metric", "eval/return"),
-                 table_steps=[int(s) for s in spec.get("table_steps", [])],
-                 env_table_steps={env: [int(s) for s in steps] for env, steps in spec.get("env_table_steps", {}).items()},
+                 variants=[shlex.join(shlex.split(v)) for v in spec.get("variants") or [""]],  # " --x 1" = "--x 1"
+                 metric=spec.get("metric", "eval/return"), table_steps=[int(s) for s in spec.get("table_steps", [])],
+                 env_table_steps={env: [int(s) for s in steps]
+                                  for env, steps in spec.get("env_table_steps", {}).items()},
                  about=spec.get("about", ""))
 
 

@@ -1,5 +1,6 @@
 """rl2_recurrent.py: the trial structure (hidden state, inputs, advantages), the bandit evaluator against the
 paper's table, smoke/resume/bad input, and learning on bandits and 2D navigation."""
+import importlib.util
 import os
 
 import numpy as np
@@ -113,6 +114,13 @@ def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrid
     with pytest.raises(rl2.ConfigError, match=message):
         rl2.main(tiny(**overrides))
     assert not os.path.exists("runs")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="moviepy is an optional extra")
+def test_capture_video_records_a_meta_test_trial(in_tmp):
+    run_dir = rl2.main(tiny(task="HalfCheetahVel", total_timesteps=40, num_trials=2, num_minibatches=1,
+                            episode_length=10, episodes_per_trial=2, eval_tasks=2, capture_video=True))["run_dir"]
+    assert os.listdir(os.path.join(run_dir, "videos")) == ["meta_test_trial.mp4"]
 
 
 def test_checkpoints_of_other_scripts_or_tasks_are_refused(in_tmp):
