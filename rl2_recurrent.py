@@ -371,8 +371,8 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
         scale, offset = (high - low) / 2, (high + low) / 2
     for episode in range(episodes):
         obs = tasks.reset(seed=env_seeds if episode == 0 else None)
-        if reset_hidden_each_episode and episode > 0:
-            hidden = policy.initial_hidden(n, device)
+        if reset_hidden_each_episode and episode > 0:  # the ablation: every episode starts as a fresh trial
+            hidden, prev = policy.initial_hidden(n, device), torch.zeros_like(prev)
         for t in range(length):
             x = torch.cat([torch.as_tensor(obs, device=device), prev], -1)
             hiddens.append(hidden[0])
