@@ -730,6 +730,8 @@ def load_checkpoint(path: str, args: Args) -> tuple[dict, Args]:
         raise ConfigError(f"--resume {path} is a run on {ckpt['args']['env_id']}, not --env-id {args.env_id}; "
                           f"pass --env-id {ckpt['args']['env_id']}")
     saved = {f.name: ckpt["args"][f.name] for f in fields(Args) if f.name not in RUN_CONTROL_FIELDS}
+    if args.total_timesteps is None:  # no new budget given: the run's own, not the env's default
+        saved["total_timesteps"] = ckpt["args"]["total_timesteps"]
     for name in ["weight_decays", "rollout_schedule"]:
         if saved[name] is not None:
             saved[name] = tuple(saved[name])
@@ -748,8 +750,9 @@ class Logger:
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
                                     name=run_name, sync_tensorboard=True, resume="allow", id=run_name)
-        # on resume, drop events logged after the checkpoint: they are about to be logged again
-        self.writer = SummaryWriter(run_dir, purge_step=resume_step)
+        # on resume, drop events logged after the checkpoint (they are about to be logged again), keep those of
+        # the checkpoint's own step (logged before it was written)
+        self.writer = SummaryWriter(run_dir, purge_step=None if resume_step is None else resume_step + 1)
         self.tty = sys.stdout.isatty()
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:

@@ -554,8 +554,9 @@ class Logger:
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
                                     name=run_name, sync_tensorboard=True, resume="allow", id=run_name)
-        # on resume, drop events logged after the checkpoint: they are about to be logged again
-        self.writer = SummaryWriter(run_dir, purge_step=resume_step)
+        # on resume, drop events logged after the checkpoint (they are about to be logged again), keep those of
+        # the checkpoint's own step (logged before it was written)
+        self.writer = SummaryWriter(run_dir, purge_step=None if resume_step is None else resume_step + 1)
         self.tty = sys.stdout.isatty()
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:

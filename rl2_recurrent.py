@@ -20,15 +20,19 @@ Small CPU configurations (a few minutes each on 2 cores; docs/rl2_recurrent.md):
 
 Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage) and why:
   - PPO (clip 0.2, GAE lambda 0.95, gamma 0.99, Adam 1e-3, 10 epochs, as garage's RL2PPO) instead of the
-    paper's first-order TRPO; the value function is a head on the policy's GRU (the paper used a separate
-    GRU baseline, garage a linear feature baseline), trained jointly with the PPO loss.
+    paper's first-order TRPO. The value baseline is a GRU of its own like the paper's (garage: a linear
+    feature baseline), trained by the same optimiser step with its own gradient-norm clip.
+  - The policy's state-independent log-std is clamped to [-5, 1] (unbounded, the entropy bonus could grow it
+    at no cost, the env clipping the actions).
   - Entropy bonus in the loss (0.01), not garage's entropy-in-the-reward ("max" method, 0.02).
   - Every episode of a trial has the same fixed length, so all trials run in lockstep: Ant never terminates
     (terminate_when_unhealthy=False, as MAML's and ProMP's AntDir), navigation2d never stops at the goal.
   - Returns run across the episodes of a trial; the paper's value baseline and garage's fit per-episode
     returns, ours fits the trial's return (the done flag is an input, so it can tell where it is).
   - Bandits use PPO with GAE lambda 0.95 like the other tasks (a replication used TRPO with lambda 0.3); the
-    Gittins index is not among the evaluator's baselines (random, UCB1, Thompson sampling are).
+    Gittins index is not among the evaluator's baselines (random, greedy, UCB1, Thompson sampling are).
+  - Meta-test trials act greedily (argmax / mean action, this project's evaluation convention); training
+    trials sample. `eval/return` is the meta-test return of a trial's last episode.
 """
 
 import importlib.util
@@ -119,7 +123,7 @@ class Args:
 
 
 RUN_CONTROL_FIELDS = ("resume", "total_timesteps", "device", "track", "wandb_project_name", "wandb_entity",
-                      "capture_video", "save_model", "checkpoint_every", "eval_tasks", "eval_every")
+                      "capture_video", "save_model", "checkpoint_every", "eval_every")
 """Flags a resumed run takes from the command line; every other flag comes from the checkpoint."""
 
 TASK_DEFAULTS = {  # our choices where neither the paper nor garage fixes a value (see the docstring)
@@ -319,13 +323,16 @@ class RecurrentPolicy(nn.Module):
     def distribution(self, out: torch.Tensor):
         if self.discrete:
             return torch.distributions.Categorical(logits=out, validate_args=False)
-        return torch.distributions.Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+        return torch.distributions.Normal(out, self.std().expand_as(out), validate_args=False)
 
     def act(self, out: torch.Tensor, greedy: bool) -> torch.Tensor:
         """An action from the head's output; the per-step path of sampling, so no distribution object."""
         if self.discrete:
             return out.argmax(-1) if greedy else torch.multinomial(out.softmax(-1), 1)[:, 0]
-        return out if greedy else out + self.log_std.exp() * torch.randn_like(out)
+        return out if greedy else out + self.std() * torch.randn_like(out)
+
+    def std(self) -> torch.Tensor:
+        return self.log_std.clamp(-5.0, 1.0).exp()
 
     def value(self, inputs: torch.Tensor) -> torch.Tensor:
         """V(x_1, ..., x_t) for whole trials [T, N, input_dim] -> [T, N]."""
@@ -464,7 +471,7 @@ def bandit_baselines(probs: np.ndarray, pulls: int, rng: np.random.Generator,
     n, k = probs.shape
     if ucb_c is None:
         tuning_tasks = rng.uniform(0.0, 1.0, probs.shape)
-        ucb_c = max([0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0],
+        ucb_c = max([0.03, 0.1, 0.2, 0.3, 0.5, 1.0],
                     key=lambda c: bandit_baselines(tuning_tasks, pulls, rng, ucb_c=c)["ucb1"])
     rows = np.arange(n)
     totals = {}
@@ -509,10 +516,16 @@ def load_checkpoint(path: str, args: Args) -> tuple[dict, Args]:
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
         raise ConfigError(f"--resume {path} was written by {writer}, not {SCRIPT}.py; resume it with that script")
+    missing = [k for k in ["args", "policy", "optimizer", "global_step", "update", "elapsed", "rng"] if k not in ckpt]
+    missing += [f"args.{f.name}" for f in fields(Args) if f.name not in ckpt.get("args", {})]
+    if missing:
+        raise ConfigError(f"--resume {path} lacks {', '.join(missing)} (written by another version of {SCRIPT}.py?)")
     if ckpt["args"]["task"] != args.task:
         raise ConfigError(f"--resume {path} is a run on --task {ckpt['args']['task']}, not --task {args.task}; "
                           f"pass --task {ckpt['args']['task']}")
     saved = {f.name: ckpt["args"][f.name] for f in fields(Args) if f.name not in RUN_CONTROL_FIELDS}
+    if args.total_timesteps is None:  # no new budget given: the run's own, not the task family's default
+        saved["total_timesteps"] = ckpt["args"]["total_timesteps"]
     return ckpt, replace(args, **saved)
 
 
@@ -528,8 +541,9 @@ class Logger:
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
                                     name=run_name, sync_tensorboard=True, resume="allow", id=run_name)
-        # on resume, drop events logged after the checkpoint: they are about to be logged again
-        self.writer = SummaryWriter(run_dir, purge_step=resume_step)
+        # on resume, drop events logged after the checkpoint (they are about to be logged again), keep those of
+        # the checkpoint's own step (logged before it was written)
+        self.writer = SummaryWriter(run_dir, purge_step=None if resume_step is None else resume_step + 1)
         self.tty = sys.stdout.isatty()
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
@@ -570,7 +584,6 @@ def record_video(policy: RecurrentPolicy, args: Args, task_params: np.ndarray, f
 def main(args: Args) -> dict:
     ckpt = None
     if args.resume:
-        args = with_task_defaults(args)
         ckpt, args = load_checkpoint(args.resume, args)
     args = with_task_defaults(args)
     check_args(args)
@@ -578,6 +591,8 @@ def main(args: Args) -> dict:
     mujoco = args.task not in ("bandit", "navigation2d")
     if args.capture_video and not mujoco:
         raise ConfigError(f"--capture-video records MuJoCo tasks; --task {args.task} has nothing to render")
+    if args.capture_video and not args.eval_tasks:
+        raise ConfigError("--capture-video records a meta-test trial; it needs --eval-tasks >= 1")
     for wanted, module in [(args.capture_video, "moviepy"), (args.track, "wandb")]:
         if wanted and importlib.util.find_spec(module) is None:
             raise ConfigError(f"--{'capture-video' if module == 'moviepy' else 'track'} needs {module}: "
@@ -639,7 +654,8 @@ def main(args: Args) -> dict:
 
     def evaluate(step: int) -> dict:
         returns = meta_test(policy, args, eval_task_params, device)  # [tasks, episodes]
-        metrics = {"meta/trial_return": float(returns.sum(1).mean()), **baselines}
+        metrics = {"meta/trial_return": float(returns.sum(1).mean()), "eval/return": float(returns[:, -1].mean()),
+                   **baselines}
         if args.episodes_per_trial <= 10:
             metrics.update({f"meta/episode_{k + 1}_return": float(r) for k, r in enumerate(returns.mean(0))})
         logger.scalars(metrics, step)

@@ -272,9 +272,14 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
             "losses/model_loss", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
             "time/sac_s"} <= set(events.Tags()["scalars"])
     assert [e.value for e in events.Scalars("model/rollout_length")][-1] == 3  # epoch 3 > b = 2: k = y
+    logged = [e.step for e in events.Scalars("eval/return")]
     resumed = mbpo.main(tiny(total_timesteps=260, resume=os.path.join(run_dir, "mbrl_ensemble.pt")))
     assert os.path.samefile(resumed["run_dir"], run_dir) and resumed["global_step"] == 260
     assert len(resumed["episodic_returns"]) > len(first["episodic_returns"])
+    after = [e.step for e in run_events(run_dir, "mbrl_ensemble").Scalars("eval/return")]
+    assert after[:len(logged)] == logged and after[-1] == 260  # the resume kept the checkpoint's own step
+    no_budget = mbpo.main(tiny(total_timesteps=None, resume=os.path.join(run_dir, "mbrl_ensemble.pt")))
+    assert no_budget["global_step"] == 260  # without --total-timesteps a resumed run keeps its own budget
 
 
 def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):

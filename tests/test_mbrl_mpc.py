@@ -208,9 +208,12 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     assert {"charts/episodic_return", "charts/SPS", "model/holdout_mse", "losses/model_loss", "time/plan_ms",
             "eval/return"} <= set(events.Tags()["scalars"])
     assert first["eval_return"] is not None and "model/holdout_mse" in first
+    logged = [e.step for e in events.Scalars("charts/SPS")]
     resumed = mpc.main(tiny(total_timesteps=100, resume=os.path.join(run_dir, "mbrl_mpc.pt")))
     assert os.path.samefile(resumed["run_dir"], run_dir) and resumed["global_step"] == 100
     assert len(resumed["episodic_returns"]) > len(first["episodic_returns"])
+    after = [e.step for e in run_events(run_dir, "mbrl_mpc").Scalars("charts/SPS")]
+    assert after[:len(logged)] == logged and after[-1] > logged[-1]  # the resume kept the checkpoint's own step
 
 
 def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):

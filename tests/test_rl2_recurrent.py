@@ -45,6 +45,23 @@ def test_hidden_state_is_carried_across_episodes_and_reset_between_trials():
         assert torch.equal(inputs[5, :, :2], torch.zeros(4, 2))
     ablation = rl2.run_trials(policy, tasks, params, 3, 5, CPU, reset_hidden_each_episode=True)
     assert torch.equal(ablation["hiddens"][5], torch.zeros(4, 8))
+    assert torch.equal(ablation["inputs"][5, :, 2:], torch.zeros(4, 4))  # and no previous a, r, d either
+
+
+@pytest.mark.parametrize("task", ["navigation2d", "bandit"])
+def test_replaying_a_trial_from_zero_gives_the_sampled_log_probs(task):
+    # PPO's ratio is exactly 1 before the first update: sampling and the update see the same policy
+    torch.manual_seed(0)
+    args = rl2.with_task_defaults(rl2.Args(task=task, episode_length=5 if task == "navigation2d" else None))
+    tasks = rl2.make_tasks(args, 6)
+    policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, 8)
+    trial = rl2.run_trials(policy, tasks, tasks.sample_tasks(6, np.random.default_rng(0)), args.episodes_per_trial,
+                           args.episode_length, CPU)
+    with torch.no_grad():
+        out, _ = policy(trial["inputs"], policy.initial_hidden(6, CPU))
+        replayed = policy.log_prob(policy.distribution(out), trial["actions"])
+    torch.testing.assert_close(replayed, trial["log_probs"])
+    assert trial["log_probs"].std() > 0
 
 
 def test_advantages_run_across_episode_boundaries_but_stop_at_the_trial_end():
@@ -68,11 +85,13 @@ def test_advantages_run_across_episode_boundaries_but_stop_at_the_trial_end():
 def test_bandit_evaluator_reproduces_the_papers_baselines(arms, pulls, paper):
     # RL^2 paper, Table 1: means over 1000 bandits (std error ~0.07), printed to 0.1; ours over 10 000 bandits
     # (std error ~0.02). 0.3 is about 3 combined standard errors plus the rounding; a strategy that explores
-    # wrongly (UCB1 with c = 1: 5.9; Thompson without its posterior = random: 5.0) is further off.
+    # wrongly (Thompson sampling without its posterior = random: 5.0) is further off.
     rng = np.random.default_rng(0)
     ours = rl2.bandit_baselines(rng.uniform(0, 1, (10_000, arms)), pulls, rng)
     for strategy, value in paper.items():
         assert abs(ours[strategy] - value) < 0.3, (strategy, ours)
+    # the grid search matters: UCB1's textbook constant c = 1 explores too much for 10 pulls
+    assert rl2.bandit_baselines(rng.uniform(0, 1, (10_000, arms)), pulls, rng, ucb_c=1.0)["ucb1"] < ours["ucb1"] - 0.5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,10 +105,15 @@ def test_smoke_run_writes_logs_checkpoint_and_resume_equals_an_uninterrupted_run
             "meta/ucb1_trial_return", "meta/thompson_trial_return",
             "meta/episode_1_return", "meta/episode_10_return", "time/sampling_sps"} <= set(events.Tags()["scalars"])
     first = rl2.main(tiny(total_timesteps=160))
-    resumed = rl2.main(tiny(total_timesteps=400, resume=os.path.join(first["run_dir"], "rl2_recurrent.pt")))
+    checkpoint = os.path.join(first["run_dir"], "rl2_recurrent.pt")
+    assert rl2.main(tiny(total_timesteps=None, resume=checkpoint))["global_step"] == 160  # no flag: its own budget
+    resumed = rl2.main(tiny(total_timesteps=400, resume=checkpoint))
     assert os.path.samefile(resumed["run_dir"], first["run_dir"]) and resumed["updates"] == 5
     assert resumed["train_trial_returns"] == straight["train_trial_returns"][2:]
     assert resumed["meta/trial_return"] == straight["meta/trial_return"]
+    events = run_events(resumed["run_dir"], "rl2_recurrent")  # one curve: no step lost or doubled at the resume
+    assert [e.step for e in events.Scalars("charts/trial_return")] == [80, 160, 240, 320, 400]
+    assert [e.step for e in events.Scalars("meta/trial_return")] == [160, 320, 400]
     assert rl2.main(tiny(seed=4))["train_trial_returns"] != straight["train_trial_returns"]
 
 
@@ -108,6 +132,7 @@ def test_every_task_family_runs(in_tmp, task):
     (dict(num_arms=1), "--num-arms must be at least 2"),
     (dict(gamma=1.5), "--gamma must be in"),
     (dict(capture_video=True), "--capture-video records MuJoCo tasks"),
+    (dict(task="HalfCheetahVel", capture_video=True, eval_tasks=0), "it needs --eval-tasks >= 1"),
     (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
@@ -127,6 +152,9 @@ def test_checkpoints_of_other_scripts_or_tasks_are_refused(in_tmp):
     torch.save({"script": "maml_rl", "args": {}}, "other.pt")
     with pytest.raises(rl2.ConfigError, match="written by maml_rl, not rl2_recurrent.py"):
         rl2.main(tiny(resume="other.pt"))
+    torch.save({"script": "rl2_recurrent", "args": {"task": "bandit"}}, "old.pt")
+    with pytest.raises(rl2.ConfigError, match="old.pt lacks policy, optimizer"):
+        rl2.main(tiny(resume="old.pt"))
     run_dir = rl2.main(tiny(total_timesteps=80))["run_dir"]
     with pytest.raises(rl2.ConfigError, match="is a run on --task bandit"):
         rl2.main(tiny(task="navigation2d", resume=os.path.join(run_dir, "rl2_recurrent.pt")))
