@@ -6,8 +6,8 @@
 Writes to --out (default benchmarks/results/<sweep name>):
   curves.csv    one row per logged value: sweep, script, env, variant, seed, step, metric, value, wall_time
                 (s since the run's first event; a resumed run includes its pauses), hardware, status
-  <env>.png     one figure per env: mean +- std over seeds per (sweep, script, variant), each seed thin,
-                published numbers as crosses
+  <env>.png     one figure per env: mean +- std (population std, ddof 0) over seeds per (sweep, script,
+                variant), each seed thin, published numbers as crosses
   table.md      the metric at the table steps (per env where the sweep sets env_table_steps): mean +- std
                 over the seeds that reached the step (values linearly interpolated between logged points),
                 per seed, and the published number at that step from --published (script, env, step,
@@ -78,20 +78,23 @@ def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
     for path in sorted(glob.glob(os.path.join(sweep_dir, "*", "job.json"))):
         with open(path) as f:
             job = json.load(f)
-        run_dirs = glob.glob(os.path.join(os.path.dirname(path), "runs", "*", "args.json"))
-        job["run_dir"] = os.path.dirname(max(run_dirs, key=os.path.getmtime)) if run_dirs else None
+        if not (job.get("run_dir") and os.path.isdir(job["run_dir"])):  # a run still going: the newest folder
+            run_dirs = glob.glob(os.path.join(os.path.dirname(path), "runs", "*", "args.json"))
+            job["run_dir"] = os.path.dirname(max(run_dirs, key=os.path.getmtime)) if run_dirs else None
         jobs.append(job)
     return sweep, jobs
 
 
-def read_scalars(run_dir: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_scalars(run_dir: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, set[str]]:
+    """(steps, values, seconds since the first event) of one metric, and every key the run logged."""
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     events.Reload()
-    scalars = events.Scalars(metric) if metric in events.Tags()["scalars"] else []
+    tags = set(events.Tags()["scalars"])
+    scalars = events.Scalars(metric) if metric in tags else []
     steps = np.array([s.step for s in scalars], dtype=np.int64)
     values = np.array([s.value for s in scalars], dtype=np.float64)
     wall = np.array([s.wall_time for s in scalars]) - (scalars[0].wall_time if scalars else 0.0)
-    return steps, values, wall
+    return steps, values, wall, tags
 
 
 def value_at(run: Run, step: int) -> Optional[float]:
@@ -124,7 +127,10 @@ def plot_env(env: str, runs: list[Run], published: dict, metric: str, many_sweep
         for run in members:
             ax.plot(run.steps, run.values, color=color, lw=0.6, alpha=0.35)
         # seeds log at different steps (episode ends): average on a common grid up to the shortest seed
-        grid = np.linspace(max(r.steps[0] for r in members), min(r.steps[-1] for r in members), 200)
+        first, last = max(r.steps[0] for r in members), min(r.steps[-1] for r in members)
+        if first >= last:  # the seeds share no stretch of steps (e.g. one barely started): no mean curve
+            continue
+        grid = np.linspace(first, last, 200)
         curves = np.stack([np.interp(grid, r.steps, r.values) for r in members])
         mean, std = curves.mean(0), curves.std(0)
         ax.plot(grid, mean, color=color, lw=2, label=f"{label(group, many_sweeps)} ({len(members)} seeds)")
@@ -165,14 +171,18 @@ def main(args: Args) -> dict:
     sweeps = [read_sweep(sweep_dir) for sweep_dir in args.sweeps]
     settings = [sweep for sweep, _ in sweeps]
     metric = args.metric or settings[0]["metric"]
-    runs, missing = [], []
+    runs, missing, tags = [], [], set()
     for sweep, jobs in sweeps:
         for job in jobs:
             if job["run_dir"] is None:
                 missing.append(f"{sweep['name']}/{job['key']} ({job.get('status')}, no run folder)")
                 continue
+            steps, values, wall, run_tags = read_scalars(job["run_dir"], metric)
+            tags |= run_tags
             runs.append(Run(sweep["name"], job["script"], job["env"], job.get("variant", ""), job["seed"],
-                            job.get("status", "?"), job.get("hardware", ""), *read_scalars(job["run_dir"], metric)))
+                            job.get("status", "?"), job.get("hardware", ""), steps, values, wall))
+    if runs and not any(len(run.steps) for run in runs):
+        raise SystemExit(f"error: no run logged {metric}; logged keys: {', '.join(sorted(tags))}")
     def table_steps(env: str) -> list[int]:  # --steps, else the sweeps' steps for this env, else their steps
         per_env = {s for sweep in settings for s in sweep.get("env_table_steps", {}).get(env, [])}
         return args.steps or sorted(per_env or {s for sweep in settings for s in sweep.get("table_steps", [])})

@@ -9,8 +9,10 @@ cluster. Finished runs are skipped when the sweep is run again; interrupted ones
   python benchmarks/report.py runs/sweeps/<name>        # curves, CSV and the table next to published numbers
 
 Layout of a sweep, runs/sweeps/<name>/:
-  sweep.json        the expanded sweep (what report.py reads: jobs, metric, table steps)
-  <job>/job.json    command, status (running / finished / failed), return code, attempts, wall time, hardware
+  sweep.json        the sweep as last run (report.py reads its metric and table steps)
+  <job>/job.json    command, status (running / finished / failed), return code, attempts, wall time, hardware,
+                    the script's run folder
+  <job>/lock        held while the run goes on, so that a second sweep on the same folder leaves it alone
   <job>/log.txt     the script's stdout and stderr, all attempts appended
   <job>/runs/<run_name>/   written by the script itself: TensorBoard events, args.json, checkpoint
 A job runs its script with the job folder as working directory, so the script's own runs/ lands there.
@@ -24,6 +26,8 @@ system, as on most academic clusters); a run on a node that does not fails with 
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -217,10 +221,36 @@ def latest_checkpoint(job_dir: str, script: str) -> Optional[str]:
     return max(found, key=os.path.getmtime) if found else None
 
 
+def lock_job(job_dir: str) -> Optional[int]:
+    """Take the job folder's lock, held while its run goes on (by this sweep or any other process, on any
+    node of a shared file system); None when someone else holds it."""
+    fd = os.open(os.path.join(job_dir, "lock"), os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def unlock_job(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 def plan(job: dict, job_dir: str) -> tuple[str, Optional[str]]:
     """("skip", None) for a finished run, ("resume", checkpoint) for an interrupted or failed one that left a
     checkpoint, ("start", None) otherwise; ("conflict", None) when the folder holds a run of another command
-    (continuing it would mix two configurations in one curve)."""
+    (continuing it would mix two configurations in one curve), ("busy", None) while another process runs it."""
+    if os.path.isfile(os.path.join(job_dir, "lock")):
+        fd = lock_job(job_dir)
+        if fd is None:
+            return "busy", None
+        unlock_job(fd)
+    return plan_unlocked(job, job_dir)
+
+
+def plan_unlocked(job: dict, job_dir: str) -> tuple[str, Optional[str]]:
     previous = read_job(job_dir)
     if previous and previous.get("command") != job["command"]:
         return "conflict", None
@@ -262,7 +292,17 @@ def execute(job: dict, job_dir: str, threads: int) -> dict:
                 "log_tail": f"the sweep folder {os.path.dirname(job_dir)} is not visible on node {platform.node()}:"
                             " Ray cluster runs need a file system shared by all nodes at the same path\n"}
     os.makedirs(job_dir, exist_ok=True)
-    action, checkpoint = plan(job, job_dir)
+    lock = lock_job(job_dir)
+    if lock is None:  # started by someone else since main planned
+        return {**job, "status": "busy", "action": "busy"}
+    try:
+        return run_job(job, job_dir, threads)
+    finally:
+        unlock_job(lock)
+
+
+def run_job(job: dict, job_dir: str, threads: int) -> dict:
+    action, checkpoint = plan_unlocked(job, job_dir)
     if action in ("skip", "conflict"):  # the folder changed since main planned: leave it as it is
         return {**read_job(job_dir), "action": action}
     command = [sys.executable if part == "python" else part for part in job["command"]]
@@ -287,7 +327,9 @@ def execute(job: dict, job_dir: str, threads: int) -> dict:
             except PermissionError:
                 pass
         returncode = process.wait()
+    run_dirs = glob.glob(os.path.join(job_dir, "runs", "*", "args.json"))  # the script's own run folder
     record.update(status="finished" if returncode == 0 else "failed", returncode=returncode,
+                  run_dir=os.path.dirname(max(run_dirs, key=os.path.getmtime)) if run_dirs else None,
                   wall_s=record["wall_s"] + time.time() - record["started"],
                   log_tail="" if returncode == 0 else log_tail(log_path))
     write_job(job_dir, record)
@@ -298,11 +340,14 @@ def execute(job: dict, job_dir: str, threads: int) -> dict:
 # Backends: both hand each job to `execute` and yield the records as runs end
 # ----------------------------------------------------------------------------------------------------
 def run_local(jobs: list[tuple[dict, str]], args: Args):
-    threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // args.max_parallel)
-    with ThreadPoolExecutor(args.max_parallel) as pool:  # threads that wait on one subprocess each
+    threads = args.threads_per_run or max(1, len(os.sched_getaffinity(0)) // args.max_parallel)
+    pool = ThreadPoolExecutor(args.max_parallel)  # threads that wait on one subprocess each
+    try:
         futures = [pool.submit(execute, job, job_dir, threads) for job, job_dir in jobs]
         for future in as_completed(futures):
             yield future.result()
+    finally:  # Ctrl-C: start nothing more (the running scripts got the signal too; a re-run resumes them)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_ray(jobs: list[tuple[dict, str]], args: Args):
@@ -348,13 +393,15 @@ def main(args: Args) -> int:
     if conflicts:
         raise SweepError(f"{conflicts[0]} (and {len(conflicts) - 1} more) holds a run started with another command; "
                          "give this sweep another --name, or delete those folders to start them again")
-    todo = [(job, job_dir) for (job, job_dir), action in zip(jobs, actions) if action != "skip"]
+    busy = [job["key"] for (job, _), action in zip(jobs, actions) if action == "busy"]
+    todo = [(job, job_dir) for (job, job_dir), action in zip(jobs, actions) if action not in ("skip", "busy")]
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump({**sweep.__dict__, "jobs": [job for job, _ in jobs], "config": args.config,
                    "experiment": args.experiment}, f, indent=2)
-    print(f"sweep {sweep.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run "
-          f"({args.backend} backend) in {sweep_dir}", flush=True)
+    print(f"sweep {sweep.name}: {len(jobs)} runs, {len(jobs) - len(todo) - len(busy)} already finished, "
+          + (f"{len(busy)} running elsewhere ({', '.join(busy)}), " if busy else "")
+          + f"{len(todo)} to run ({args.backend} backend) in {sweep_dir}", flush=True)
     failed = []
     backend = run_local if args.backend == "local" else run_ray
     for count, record in enumerate(backend(todo, args) if todo else [], start=1):
@@ -362,12 +409,16 @@ def main(args: Args) -> int:
         if record["status"] == "finished":
             print(f"[{count}/{len(todo)}] finished {record['key']} ({how}, {record.get('wall_s', 0):.0f} s in all)",
                   flush=True)
+        elif record["status"] == "busy":
+            busy.append(record["key"])
+            print(f"[{count}/{len(todo)}] {record['key']} was started by another process meanwhile: left to it")
         else:
             failed.append(record)
             tail = "".join(f"    {line}\n" for line in record.get("log_tail", "").splitlines())
             print(f"[{count}/{len(todo)}] FAILED {record['key']} (exit code {record.get('returncode')}), "
                   f"log {os.path.join(sweep_dir, record['key'], 'log.txt')}:\n{tail}", end="", flush=True)
-    print(f"sweep {sweep.name}: {len(jobs) - len(failed)} of {len(jobs)} runs finished"
+    print(f"sweep {sweep.name}: {len(jobs) - len(failed) - len(busy)} of {len(jobs)} runs finished"
+          + (f"; running elsewhere: {', '.join(busy)}" if busy else "")
           + (f"; failed: {', '.join(r['key'] for r in failed)}" if failed else ""))
     return 1 if failed else 0
 

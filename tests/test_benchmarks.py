@@ -1,6 +1,7 @@
 """benchmarks/run.py (sweeps on a process pool or Ray) and benchmarks/report.py (CSV, curves, table), driven
 through their command lines on the cheapest configuration of mbrl_mpc.py."""
 import csv
+import fcntl
 import json
 import os
 import subprocess
@@ -61,6 +62,15 @@ def test_dry_run_expands_the_sweep_into_exactly_these_commands(tmp_path):
     assert not (tmp_path / "sweeps").exists()  # a dry run starts nothing and writes nothing
 
 
+def test_task_families_are_passed_as_task(tmp_path):
+    config = os.path.join(ROOT, "benchmarks", "configs", "rl2_recurrent.toml")
+    out = sweep(tmp_path, "--config", config, "--experiment", "paper", "--seeds", "4", "--dry-run")
+    folder, script = tmp_path / "sweeps" / "rl2_recurrent-paper", os.path.join(ROOT, "rl2_recurrent.py")
+    assert out.stdout.splitlines() == [
+        f"[start] cd {folder / f'rl2_recurrent__{task}__s4'} && python {script} --task {task} --seed 4 "
+        "--exp-name rl2_recurrent-paper" for task in ["HalfCheetahVel", "HalfCheetahDir"]]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--experiment", "nope"], "has no experiment 'nope'; pass --experiment with one of: tiny"),
     (["--experiment", "tiny", "--scripts", "nope.py"], "no script nope.py"),
@@ -83,7 +93,8 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     assert "2 of 4 runs finished" in out.stdout
     for seed in [1, 2]:
         record = job(tmp_path, "c-tiny", f"mbrl_mpc__InvertedPendulum-v5__s{seed}")
-        assert record["status"] == "finished" and record["attempts"] == 1 and record["threads"] == 1
+        assert record["status"] == "finished" and record["attempts"] == 1
+        assert record["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # cores / --max-parallel
 
     # report: tidy CSV, one figure per env with data, the table's rows = runs' groups x the env's table steps
     published = tmp_path / "published.csv"
@@ -123,8 +134,20 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     assert resumed.returncode == 0 and "finished mbrl_mpc__InvertedPendulum-v5__s1 (resumed" in resumed.stdout
     record = job(tmp_path, "c-tiny", key)
     assert record["attempts"] == 2 and "--resume" in record["last_command"]
+    assert os.path.dirname(record["last_command"][-1]) == record["run_dir"]  # continued in its own folder
     assert "resumed" in (tmp_path / "sweeps" / "c-tiny" / key / "log.txt").read_text()
     assert len(os.listdir(tmp_path / "sweeps" / "c-tiny" / key / "runs")) == 1  # one run folder, continued
+
+    # a run that another process is running (its folder's lock is held) is left alone, not started twice
+    (tmp_path / "sweeps" / "c-tiny" / key / "job.json").write_text(json.dumps({**record, "status": "running"}))
+    with open(tmp_path / "sweeps" / "c-tiny" / key / "lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        plan = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5",
+                     "--dry-run").stdout.splitlines()
+        assert plan[0].startswith("[busy]")
+        busy = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5")
+        assert busy.returncode == 0 and f"1 running elsewhere ({key}), 0 to run" in busy.stdout
+    assert job(tmp_path, "c-tiny", key)["attempts"] == 2
 
     # the same folder with another command would mix two configurations in one curve: refused
     changed = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5",
