@@ -16,7 +16,7 @@ Task families (`--task`): bandit (k-armed Bernoulli, p_i ~ U[0, 1], one pull = o
 Headline benchmark (HalfCheetahVel, 2 episodes of 200 steps per trial):  python rl2_recurrent.py
 Small CPU configurations (a few minutes each on 2 cores; docs/rl2_recurrent.md):
   python rl2_recurrent.py --task bandit --total-timesteps 1000000 --hidden-size 64   # 5 arms, 10 pulls per trial
-  python rl2_recurrent.py --task navigation2d --episode-length 20 --total-timesteps 1000000 --hidden-size 64
+  python rl2_recurrent.py --task navigation2d --episode-length 20 --total-timesteps 600000 --hidden-size 64
 
 Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage) and why:
   - PPO (clip 0.2, GAE lambda 0.95, gamma 0.99, Adam 1e-3, 10 epochs, as garage's RL2PPO) instead of the
