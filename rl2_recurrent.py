@@ -320,6 +320,13 @@ class RecurrentPolicy(nn.Module):
         features, hidden = self.gru(inputs, hidden)
         return self.policy_head(features), hidden
 
+    def step(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One env step of all trials, x [N, input_dim], hidden [N, H]: the cell of self.gru with the same
+        weights (a length-1 sequence through nn.GRU costs 1.5x as much on a CPU)."""
+        hidden = torch.gru_cell(x, hidden, self.gru.weight_ih_l0, self.gru.weight_hh_l0, self.gru.bias_ih_l0,
+                                self.gru.bias_hh_l0)
+        return self.policy_head(hidden), hidden
+
     def distribution(self, out: torch.Tensor):
         if self.discrete:
             return torch.distributions.Categorical(logits=out, validate_args=False)
@@ -369,7 +376,7 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
     tensors (T = episodes x length) and the episode returns [N, episodes]."""
     n = len(task_params)
     tasks.set_tasks(task_params)
-    hidden = policy.initial_hidden(n, device)
+    hidden = policy.initial_hidden(n, device)[0]
     # x_t = [s_t, a_{t-1} (one-hot for a bandit), r_{t-1}, d_{t-1}]; zeros for what precedes a trial
     prev = torch.zeros(n, policy.act_dim + 2, device=device)
     inputs, actions, outs, rewards, hiddens = [], [], [], [], []
@@ -379,17 +386,17 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
     for episode in range(episodes):
         obs = tasks.reset(seed=env_seeds if episode == 0 else None)
         if reset_hidden_each_episode and episode > 0:  # the ablation: every episode starts as a fresh trial
-            hidden, prev = policy.initial_hidden(n, device), torch.zeros_like(prev)
+            hidden, prev = policy.initial_hidden(n, device)[0], torch.zeros_like(prev)
         for t in range(length):
             x = torch.cat([torch.as_tensor(obs, device=device), prev], -1)
-            hiddens.append(hidden[0])
-            out, hidden = policy(x[None], hidden)
-            action = policy.act(out[0], greedy)
+            hiddens.append(hidden)
+            out, hidden = policy.step(x, hidden)
+            action = policy.act(out, greedy)
             action_np = action.cpu().numpy()
             obs, reward = tasks.step(action_np if policy.discrete else np.clip(action_np, -1, 1) * scale + offset)
             inputs.append(x)
             actions.append(action)
-            outs.append(out[0])
+            outs.append(out)
             rewards.append(torch.as_tensor(reward, device=device))
             done = torch.full((n, 1), float(t == length - 1), device=device)  # episodes end at their last step
             prev = torch.cat([nn.functional.one_hot(action, policy.act_dim).float() if policy.discrete
