@@ -135,9 +135,9 @@ def plot_env(env: str, runs: list[Run], published: dict, metric: str, many_sweep
         mean, std = curves.mean(0), curves.std(0)
         ax.plot(grid, mean, color=color, lw=2, label=f"{label(group, many_sweeps)} ({len(members)} seeds)")
         ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
-    scripts = {run.script for run in runs}
+    scripts, reached = {run.script for run in runs}, max((run.steps[-1] for run in runs if len(run.steps)), default=0)
     points = [(step, value, source) for (script, penv, step, pmetric), (value, source) in published.items()
-              if penv == env and pmetric == metric and script in scripts]
+              if penv == env and pmetric == metric and script in scripts and step <= reached]  # within the x range
     if points:
         ax.scatter([p[0] for p in points], [p[1] for p in points], marker="x", color="k", zorder=5,
                    label="published (see table)")
