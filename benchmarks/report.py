@@ -151,6 +151,10 @@ def plot_env(env: str, runs: list[Run], published: dict, metric: str, many_sweep
     plt.close(fig)
 
 
+def fmt(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"  # bandit rewards and MuJoCo returns alike
+
+
 def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric: str, many_sweeps: bool) -> list[str]:
     lines = [f"| run | env | env steps | `{metric}` mean ± std (seeds) | per seed | published | source |",
              "|---|---|---|---|---|---|---|"]
@@ -159,8 +163,8 @@ def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric:
         for step in steps[group[2]]:
             values = [(run.seed, value_at(run, step)) for run in members]
             reached = [v for _, v in values if v is not None]
-            ours = f"{np.mean(reached):.1f} ± {np.std(reached):.1f} ({len(reached)})" if reached else "not reached"
-            per_seed = ", ".join(f"{v:.1f}" if v is not None else "-" for _, v in values)
+            ours = f"{fmt(np.mean(reached))} ± {fmt(np.std(reached))} ({len(reached)})" if reached else "not reached"
+            per_seed = ", ".join(fmt(v) if v is not None else "-" for _, v in values)
             value, source = published.get((group[1], group[2], step, metric), (None, ""))
             lines.append(f"| {label(group, many_sweeps)} | {group[2]} | {step} | {ours} | {per_seed} | "
                          f"{'' if value is None else f'{value:g}'} | {source} |")
