@@ -22,6 +22,8 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
   - PPO (clip 0.2, GAE lambda 0.95, gamma 0.99, Adam 1e-3, 10 epochs, as garage's RL2PPO) instead of the
     paper's first-order TRPO. The value baseline is a GRU of its own like the paper's (garage: a linear
     feature baseline), trained by the same optimiser step with its own gradient-norm clip.
+  - Continuous actions are sampled in [-1, 1] units per dimension and scaled to the env's bounds (clipped
+    when sent to the env; navigation2d's bounds are +-0.1).
   - The policy's state-independent log-std is clamped to [-5, 1] (unbounded, the entropy bonus could grow it
     at no cost, the env clipping the actions).
   - Entropy bonus in the loss (0.01), not garage's entropy-in-the-reward ("max" method, 0.02).

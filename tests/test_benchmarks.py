@@ -115,10 +115,13 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     assert "| 50 |" in table_rows[2] and "| 7.5 | a test source |" in table_rows[2]
     assert "no data: c-tiny/mbrl_mpc__CartPole-v1__s1 (failed" in table
 
+    def again_without_cartpole(*flags: str) -> subprocess.CompletedProcess:
+        return sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5", *flags)
+
     # the same sweep without the failing env: everything is finished, nothing starts or changes
     key = "mbrl_mpc__InvertedPendulum-v5__s1"
     before = files_with_mtimes(tmp_path / "sweeps" / "c-tiny")
-    again = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5")
+    again = again_without_cartpole()
     assert again.returncode == 0 and "2 already finished, 0 to run" in again.stdout
     after = files_with_mtimes(tmp_path / "sweeps" / "c-tiny")
     assert {k: v for k, v in after.items() if not k.endswith("sweep.json")} == \
@@ -127,10 +130,9 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     # seed 1 as if the machine died after its last checkpoint: the rerun resumes it and skips seed 2
     record = job(tmp_path, "c-tiny", key)
     (tmp_path / "sweeps" / "c-tiny" / key / "job.json").write_text(json.dumps({**record, "status": "running"}))
-    plan = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5",
-                 "--dry-run").stdout.splitlines()
+    plan = again_without_cartpole("--dry-run").stdout.splitlines()
     assert plan[0].startswith("[resume]") and plan[0].endswith("mbrl_mpc.pt") and plan[1].startswith("[skip]")
-    resumed = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5")
+    resumed = again_without_cartpole()
     assert resumed.returncode == 0 and "finished mbrl_mpc__InvertedPendulum-v5__s1 (resumed" in resumed.stdout
     record = job(tmp_path, "c-tiny", key)
     assert record["attempts"] == 2 and "--resume" in record["last_command"]
@@ -142,16 +144,14 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     (tmp_path / "sweeps" / "c-tiny" / key / "job.json").write_text(json.dumps({**record, "status": "running"}))
     with open(tmp_path / "sweeps" / "c-tiny" / key / "lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        plan = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5",
-                     "--dry-run").stdout.splitlines()
+        plan = again_without_cartpole("--dry-run").stdout.splitlines()
         assert plan[0].startswith("[busy]")
-        busy = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5")
+        busy = again_without_cartpole()
         assert busy.returncode == 0 and f"1 running elsewhere ({key}), 0 to run" in busy.stdout
     assert job(tmp_path, "c-tiny", key)["attempts"] == 2
 
     # the same folder with another command would mix two configurations in one curve: refused
-    changed = sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5",
-                    "--flags=" + TINY_FLAGS.replace("--horizon 5", "--horizon 6"))
+    changed = again_without_cartpole("--flags=" + TINY_FLAGS.replace("--horizon 5", "--horizon 6"))
     assert changed.returncode != 0 and "holds a run started with another command" in changed.stderr
 
 
