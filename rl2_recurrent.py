@@ -33,6 +33,8 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
     returns, ours fits the trial's return (the done flag is an input, so it can tell where it is).
   - Bandits use PPO with GAE lambda 0.95 like the other tasks (a replication used TRPO with lambda 0.3); the
     Gittins index is not among the evaluator's baselines (random, greedy, UCB1, Thompson sampling are).
+  - Training budgets and trials per update (TASK_DEFAULTS) are our choices: the paper's appendix was not
+    available to us and garage's example runs 10 trials of 4 x 100 steps for 10 updates only.
   - Meta-test trials act greedily (argmax / mean action, this project's evaluation convention); training
     trials sample. `eval/return` is the meta-test return of a trial's last episode.
 """
