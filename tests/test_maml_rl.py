@@ -1,0 +1,285 @@
+"""maml_rl.py: the meta-gradient against finite differences, the linear baseline, conjugate gradient and the
+line search, per-task sampling and task rewards, smoke/resume/bad input, and learning on 2D navigation."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import maml_rl as maml
+from conftest import run_events
+
+CPU = torch.device("cpu")
+
+
+def tiny(**overrides) -> maml.Args:
+    base = dict(task="navigation2d", total_timesteps=4 * 4 * 10 * 2 * 3, meta_batch_size=4, fast_batch_size=4,
+                horizon=10, hidden_sizes=(8,), eval_tasks=3, eval_every=2, checkpoint_every=1, seed=3, device="cpu")
+    return maml.Args(**{**base, **overrides})
+
+
+def random_batch(rng: torch.Generator, tasks: int, trajectories: int, horizon: int, obs_dim: int, act_dim: int,
+                 dtype=torch.float64) -> dict:
+    shape = (tasks, trajectories, horizon)
+    batch = {"obs": torch.randn(*shape, obs_dim, generator=rng, dtype=dtype),
+             "actions": torch.randn(*shape, act_dim, generator=rng, dtype=dtype),
+             "advantages": torch.randn(*shape, generator=rng, dtype=dtype),
+             "log_probs": -1.0 - torch.rand(*shape, generator=rng, dtype=dtype),  # of some older policy
+             "means": torch.randn(*shape, act_dim, generator=rng, dtype=dtype) * 0.1,
+             "log_std": torch.zeros(tasks, act_dim, dtype=dtype)}
+    batch["rewards"] = torch.zeros(shape, dtype=dtype)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# The meta-gradient
+# ----------------------------------------------------------------------------------------------------
+def test_meta_gradient_matches_finite_differences_and_first_order_drops_the_hessian_term():
+    # J(theta) = post-adaptation surrogate of theta'_i = theta - alpha grad L_i(theta), on fixed trajectories:
+    # a deterministic function of theta, so its finite differences are the exact meta-gradient
+    torch.manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
+    policy = maml.GaussianMLPPolicy(3, 2, (5,), init_std=0.7).double()
+    inner, outer = random_batch(rng, 2, 3, 4, 3, 2), random_batch(rng, 2, 3, 4, 3, 2)
+    params = list(policy.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+
+    def objective(first_order: bool, differentiable: bool) -> torch.Tensor:
+        args = maml.Args(inner_lr=0.5, first_order=first_order)
+        return maml.meta_objective(policy, [inner], outer, args, differentiable)[0]
+
+    def gradient(first_order: bool) -> torch.Tensor:
+        return torch.nn.utils.parameters_to_vector(torch.autograd.grad(objective(first_order, True), params))
+
+    finite_differences = torch.zeros_like(theta)
+    for k in range(len(theta)):
+        values = []
+        for sign in [1, -1]:
+            shifted = theta.clone()
+            shifted[k] += sign * 1e-6
+            torch.nn.utils.vector_to_parameters(shifted, params)
+            values.append(objective(False, differentiable=False).item())
+        finite_differences[k] = (values[0] - values[1]) / 2e-6
+    torch.nn.utils.vector_to_parameters(theta, params)
+    second_order, first_order = gradient(False), gradient(True)
+    torch.testing.assert_close(second_order, finite_differences, rtol=1e-6, atol=1e-8)
+    # FOMAML: the gradient of the outer loss at theta', (I - alpha H) replaced by I -- a different vector here
+    assert (first_order - finite_differences).norm() > 0.05 * finite_differences.norm()
+
+
+def test_inner_adapt_takes_each_tasks_own_gradient_step():
+    # all tasks in one call must equal one task at a time
+    rng = torch.Generator().manual_seed(1)
+    policy = maml.GaussianMLPPolicy(3, 2, (5,), init_std=1.0).double()
+    batch = random_batch(rng, 3, 2, 4, 3, 2)
+    together = maml.inner_adapt(policy, maml.per_task(dict(policy.named_parameters()), 3), batch, 0.1, False)
+    for i in range(3):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        alone = maml.inner_adapt(policy, maml.per_task(dict(policy.named_parameters()), 1), one, 0.1, False)
+        for name in together:
+            torch.testing.assert_close(together[name][i], alone[name][0])
+    assert not torch.allclose(together["mean.0.weight"][0], together["mean.0.weight"][1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baseline, conjugate gradient, line search, the TRPO step
+# ----------------------------------------------------------------------------------------------------
+def test_linear_feature_baseline_recovers_a_linear_value_function():
+    rng = torch.Generator().manual_seed(2)
+    obs = torch.rand(2, 5, 30, 3, generator=rng, dtype=torch.float64) * 4 - 2
+    features = maml.baseline_features(obs)
+    assert features.shape == (2, 5, 30, 3 + 3 + 4)
+    torch.testing.assert_close(features[0, 0, 7], torch.cat([obs[0, 0, 7], obs[0, 0, 7] ** 2, torch.tensor(
+        [0.07, 0.07 ** 2, 0.07 ** 3, 1.0], dtype=torch.float64)]))
+    true_weights = torch.randn(2, 10, generator=rng, dtype=torch.float64)  # one value function per task
+    values = (features @ true_weights[:, None, :, None])[..., 0]
+    # the cubic time feature is nearly collinear with the others over 30 steps: agreement to 1e-4, not 1e-7
+    torch.testing.assert_close(maml.fit_linear_baseline(features, values, reg=1e-10), true_weights, rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.0])
+def test_advantages_use_each_tasks_own_baseline_and_are_normalised_per_task(lam):
+    # by hand with numpy: per task, b = X w with w the ridge fit of X to the discounted returns G;
+    # lambda = 1: A = G - b (rllab), lambda = 0: A = r_t + gamma b_{t+1} - b_t (b = 0 after the last step);
+    # then A is normalised to mean 0, std 1 within each task
+    rng = np.random.default_rng(4)
+    obs, rewards, gamma = rng.normal(size=(2, 3, 5, 2)), rng.normal(size=(2, 3, 5)), 0.9
+    batch = {"obs": torch.tensor(obs), "rewards": torch.tensor(rewards)}
+    advantages = maml.compute_advantages(batch, gamma=gamma, lam=lam, reg=1e-5).numpy()
+    for task in range(2):
+        t = np.broadcast_to(np.arange(5)[None, :, None] / 100, (3, 5, 1))
+        x = np.concatenate([obs[task], obs[task] ** 2, t, t ** 2, t ** 3, np.ones_like(t)], -1).reshape(15, 8)
+        returns = np.array([[sum(gamma ** k * r[s + k] for k in range(5 - s)) for s in range(5)]
+                            for r in rewards[task]])
+        w = np.linalg.solve(x.T @ x + 1e-5 * np.eye(8), x.T @ returns.reshape(15))
+        b = (x @ w).reshape(3, 5)
+        if lam == 1.0:
+            expected = returns - b
+        else:
+            expected = rewards[task] + gamma * np.concatenate([b[:, 1:], np.zeros((3, 1))], 1) - b
+        expected = (expected - expected.mean()) / (expected.std(ddof=1) + 1e-8)
+        np.testing.assert_allclose(advantages[task], expected, rtol=1e-6, atol=1e-8)
+
+
+def test_conjugate_gradient_solves_a_known_spd_system():
+    rng = torch.Generator().manual_seed(3)
+    m = torch.randn(6, 6, generator=rng, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, generator=rng, dtype=torch.float64)
+    torch.testing.assert_close(maml.conjugate_gradient(lambda v: a @ v, b, iters=10), torch.linalg.solve(a, b))
+    assert (maml.conjugate_gradient(lambda v: a @ v, b, iters=2) - torch.linalg.solve(a, b)).norm() > 1e-3
+
+
+def test_line_search_rejects_steps_that_violate_the_kl_bound_or_do_not_improve():
+    # loss falls along the step, KL = |x|^2 / 2: the full step (KL 0.02) breaks max_kl 0.01, 0.8 of it
+    # (0.0128) too, 0.64 of it (0.0082) is the first that passes
+    tried = []
+
+    def evaluate(x):
+        tried.append(x.clone())
+        return -x.sum().item(), 0.5 * x.square().sum().item()
+
+    theta, step = torch.zeros(2, dtype=torch.float64), torch.tensor([0.2, 0.0], dtype=torch.float64)
+    new, steps = maml.line_search(evaluate, theta, step, loss_before=0.0, max_kl=0.01, backtrack_ratio=0.8,
+                                  max_steps=15)
+    torch.testing.assert_close(new, 0.64 * step)
+    assert steps == 3 and len(tried) == 3
+    # a step that never improves the loss is rejected whatever its KL: theta stays
+    new, steps = maml.line_search(lambda x: (1.0, 0.0), theta, step, 0.0, 0.01, 0.8, 15)
+    assert torch.equal(new, theta) and steps == 15
+
+
+def test_trpo_meta_update_improves_the_surrogate_inside_the_trust_region():
+    torch.manual_seed(0)
+    args = maml.with_task_defaults(tiny(meta_batch_size=6, fast_batch_size=5))
+    tasks = maml.make_tasks(args, 30)
+    policy = maml.GaussianMLPPolicy(2, 2, (16,), 1.0)
+    rng = np.random.default_rng(0)
+    inner, outer = maml.sample_meta_batch(policy, tasks, tasks.sample_tasks(6, rng), args, CPU, rng)
+    surrogate, kl = maml.meta_objective(policy, inner, outer, args)
+    # at the sampling parameters theta'_i(theta) reproduces the policies that sampled: ratio 1, KL 0
+    torch.testing.assert_close(surrogate, -outer["advantages"].mean(), atol=1e-5, rtol=0)
+    assert abs(kl.item()) < 1e-6
+    before = torch.nn.utils.parameters_to_vector(policy.parameters()).detach().clone()
+    stats = maml.trpo_meta_update(policy, inner, outer, args)
+    after, kl_after = maml.meta_objective(policy, inner, outer, args, differentiable=False)
+    assert stats["losses/step_accepted"] == 1.0
+    assert after.item() < surrogate.item() and 0 < kl_after.item() <= args.max_kl
+    assert not torch.equal(torch.nn.utils.parameters_to_vector(policy.parameters()), before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling and tasks
+# ----------------------------------------------------------------------------------------------------
+def test_each_task_samples_with_its_own_parameters():
+    # two tasks x three trajectories; task 0's policy says (+1, +1), task 1's (-1, -1) in [-1, 1] units: with
+    # the mean action the point moves by 0.1 per step along the diagonal of its task
+    args = maml.with_task_defaults(tiny())
+    tasks = maml.make_tasks(args, 6)
+    policy = maml.GaussianMLPPolicy(2, 2, (4,), 1.0)
+    params = {k: torch.zeros(2, *p.shape) for k, p in policy.named_parameters()}
+    params["mean.2.bias"] = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    goals = np.array([[0.3, 0.3], [0.2, -0.1]])
+    batch = maml.sample_trajectories(policy, params, tasks, goals, 3, 5, CPU, greedy=True)
+    assert batch["obs"].shape == (2, 3, 5, 2) and batch["rewards"].shape == (2, 3, 5)
+    steps = torch.arange(5, dtype=torch.float32)[:, None] * 0.1  # the observation before step t
+    torch.testing.assert_close(batch["obs"][0, 2], steps.expand(5, 2))
+    torch.testing.assert_close(batch["obs"][1, 0], -steps.expand(5, 2))
+    after = torch.tensor([1.0, -1.0])[:, None, None, None] * (steps + 0.1)  # the position after step t
+    distance = (after.expand(2, 3, 5, 2) - torch.tensor(goals, dtype=torch.float32)[:, None, None]).norm(dim=-1)
+    torch.testing.assert_close(batch["rewards"], -distance)
+
+
+@pytest.mark.parametrize("family", ["HalfCheetahVel", "AntVel"])
+def test_mujoco_task_reward_uses_the_velocity_from_positions(family):
+    args = maml.with_task_defaults(tiny(task=family))
+    tasks = maml.make_tasks(args, 2)
+    tasks.set_tasks(np.array([[0.5], [2.0]]))
+    tasks.reset(seed=[0, 1])
+    rng = np.random.default_rng(0)
+    envs = [env.unwrapped for env in tasks.envs.envs]
+    # the x position gymnasium differentiates: HalfCheetah's root joint, Ant's torso (its xpos lags a substep)
+    x = (lambda: np.array([env.data.qpos[0] for env in envs])) if family == "HalfCheetahVel" else (
+        lambda: np.array([env.data.body("torso").xpos[0] for env in envs]))
+    for _ in range(3):
+        x_before = x()
+        actions = rng.uniform(-1.5, 1.5, (2, tasks.action_space.shape[0]))  # beyond the bounds: clipped
+        _, rewards = tasks.step(actions)
+        velocity = (x() - x_before) / envs[0].dt
+        control = np.square(np.clip(actions, -1, 1)).sum(-1)
+        if family == "HalfCheetahVel":  # r = -|v_x - v*| - 0.05 |a|^2
+            expected = -np.abs(velocity - [0.5, 2.0]) - 0.05 * control
+        else:  # rllab's ant: 1 - |v_x - v*| - 0.005 |a|^2 - contact cost + 0.05
+            contact = np.array([5e-4 * np.square(np.clip(env.data.cfrc_ext, -1, 1)).sum() for env in envs])
+            expected = 1.0 - np.abs(velocity - [0.5, 2.0]) - 0.005 * control - contact + 0.05
+        np.testing.assert_allclose(rewards, expected, rtol=1e-5, atol=1e-5)
+    tasks.envs.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Smoke: logs, checkpoint, resume, bad input
+# ----------------------------------------------------------------------------------------------------
+def test_smoke_run_writes_logs_checkpoint_and_resume_equals_an_uninterrupted_run(in_tmp):
+    straight = maml.main(tiny())
+    events = run_events(straight["run_dir"], "maml_rl")
+    assert straight["global_step"] == 960 and straight["iterations"] == 3  # 4 tasks x 4 x 10 steps x 2
+    assert {"meta/pre_adapt_return", "meta/post_adapt_return", "charts/SPS", "losses/kl", "losses/surrogate_after",
+            "meta/return_step_0", "meta/return_step_3", "eval/return", "time/sampling_s",
+            "time/meta_update_s"} <= set(events.Tags()["scalars"])
+    first = maml.main(tiny(total_timesteps=320))
+    checkpoint = os.path.join(first["run_dir"], "maml_rl.pt")
+    assert maml.main(tiny(total_timesteps=None, resume=checkpoint))["global_step"] == 320  # its own budget
+    resumed = maml.main(tiny(total_timesteps=960, resume=checkpoint))
+    assert os.path.samefile(resumed["run_dir"], first["run_dir"]) and resumed["iterations"] == 3
+    assert resumed["history"] == straight["history"][1:]
+    assert resumed["meta/return_step_1"] == straight["meta/return_step_1"]
+    events = run_events(resumed["run_dir"], "maml_rl")  # one curve: no step lost or doubled at the resume
+    assert [e.step for e in events.Scalars("meta/post_adapt_return")] == [320, 640, 960]
+    assert [e.step for e in events.Scalars("meta/return_step_0")] == [320, 640, 960]  # 320: the first run's end
+    assert maml.main(tiny(seed=4))["history"] != straight["history"]
+
+
+@pytest.mark.parametrize("task", ["HalfCheetahVel", "HalfCheetahDir", "AntVel", "AntDir"])
+def test_every_mujoco_task_family_runs(in_tmp, task):
+    result = maml.main(tiny(task=task, total_timesteps=40, meta_batch_size=2, fast_batch_size=2, horizon=5,
+                            eval_tasks=2, eval_grad_steps=1, save_model=False))
+    assert result["global_step"] == 40 and np.isfinite(result["meta/return_step_1"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(task="Walker"), "unknown --task Walker; use one of navigation2d, HalfCheetahVel"),
+    (dict(task="CartPole-v1"), "--task CartPole-v1 has discrete actions"),
+    (dict(task="Hopper-v5"), "--task Hopper-v5 is a single environment, not a task family"),
+    (dict(inner_lr=0.0), "--inner-lr must be > 0, got 0.0"),
+    (dict(inner_lr=-0.1), "--inner-lr must be > 0"),
+    (dict(meta_batch_size=0), "--meta-batch-size must be at least 1, got 0"),
+    (dict(ls_backtrack_ratio=1.0), "--ls-backtrack-ratio must be in"),
+    (dict(hidden_sizes=()), "--hidden-sizes needs at least one layer"),
+    (dict(capture_video=True), "--capture-video records MuJoCo tasks"),
+    (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
+])
+def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
+    with pytest.raises(maml.ConfigError, match=message):
+        maml.main(tiny(**overrides))
+    assert not os.path.exists("runs")
+
+
+def test_checkpoints_of_other_scripts_or_tasks_are_refused(in_tmp):
+    torch.save({"script": "rl2_recurrent", "args": {}}, "other.pt")
+    with pytest.raises(maml.ConfigError, match="written by rl2_recurrent, not maml_rl.py"):
+        maml.main(tiny(resume="other.pt"))
+    torch.save({"script": "maml_rl", "args": {"task": "navigation2d"}}, "old.pt")
+    with pytest.raises(maml.ConfigError, match="old.pt lacks policy, global_step"):
+        maml.main(tiny(resume="old.pt"))
+    run_dir = maml.main(tiny(total_timesteps=320))["run_dir"]
+    with pytest.raises(maml.ConfigError, match="is a run on --task navigation2d"):
+        maml.main(tiny(task="HalfCheetahVel", resume=os.path.join(run_dir, "maml_rl.pt")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="moviepy is an optional extra")
+def test_capture_video_records_the_policy_before_and_after_adaptation(in_tmp):
+    run_dir = maml.main(tiny(task="HalfCheetahVel", total_timesteps=40, meta_batch_size=2, fast_batch_size=2,
+                             horizon=5, eval_tasks=2, capture_video=True))["run_dir"]
+    assert sorted(os.listdir(os.path.join(run_dir, "videos"))) == ["after_adaptation.mp4", "before_adaptation.mp4"]
