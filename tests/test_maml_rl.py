@@ -283,3 +283,23 @@ def test_capture_video_records_the_policy_before_and_after_adaptation(in_tmp):
     run_dir = maml.main(tiny(task="HalfCheetahVel", total_timesteps=40, meta_batch_size=2, fast_batch_size=2,
                              horizon=5, eval_tasks=2, capture_video=True))["run_dir"]
     assert sorted(os.listdir(os.path.join(run_dir, "videos"))) == ["after_adaptation.mp4", "before_adaptation.mp4"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_navigation_one_step_adapts_the_meta_learned_policy_better_than_a_random_one(in_tmp):
+    # a smaller navigation2d than the paper's (20 tasks x 10 trajectories, 32 x 32 policy, 15 meta-iterations)
+    args = tiny(total_timesteps=20 * 10 * 100 * 2 * 15, meta_batch_size=20, fast_batch_size=10, horizon=None,
+                hidden_sizes=(32, 32), eval_tasks=40, eval_every=1000, save_model=False, seed=1)
+    result = maml.main(args)
+    full = maml.with_task_defaults(args)
+    tasks = maml.make_tasks(full, full.eval_tasks * full.fast_batch_size)
+    torch.manual_seed(123)
+    untrained = maml.GaussianMLPPolicy(2, 2, full.hidden_sizes, full.init_std)
+    random_init = maml.meta_test(untrained, tasks, result["eval_task_params"], full, CPU)
+    learned = {k: result[k] for k in random_init}
+    print(f"meta-learned {learned}\nrandom init {random_init}")
+    assert learned["meta/return_step_1"] > learned["meta/return_step_0"] + 20
+    assert learned["meta/return_step_1"] > random_init["meta/return_step_1"] + 10
