@@ -510,15 +510,16 @@ def conjugate_gradient(matrix_vector: Callable[[torch.Tensor], torch.Tensor], b:
 
 def line_search(evaluate: Callable[[torch.Tensor], tuple[float, float]], theta: torch.Tensor,
                 full_step: torch.Tensor, loss_before: float, max_kl: float, backtrack_ratio: float,
-                max_steps: int) -> tuple[torch.Tensor, int]:
+                max_steps: int) -> tuple[torch.Tensor, int, float, float]:
     """Try theta + ratio^j full_step for j = 0, 1, ...; accept the first with a lower loss and KL <= max_kl.
-    Returns the new parameters (theta itself if none passes) and the number of steps tried."""
+    Returns the new parameters (theta itself if none passes), the number of steps tried, and the loss and KL
+    of the new parameters."""
     for j in range(max_steps):
         candidate = theta + backtrack_ratio ** j * full_step
         loss, kl = evaluate(candidate)
         if loss < loss_before and kl <= max_kl:
-            return candidate, j + 1
-    return theta, max_steps
+            return candidate, j + 1, loss, kl
+    return theta, max_steps, loss_before, 0.0
 
 
 def trpo_meta_update(policy: GaussianMLPPolicy, inner_batches: list[dict], outer_batch: dict, args: Args) -> dict:
@@ -544,14 +545,12 @@ def trpo_meta_update(policy: GaussianMLPPolicy, inner_batches: list[dict], outer
         loss, kl_value = meta_objective(policy, inner_batches, outer_batch, args, differentiable=False)
         return loss.item(), kl_value.item()
 
-    new_theta, tried = line_search(evaluate, theta, full_step, surrogate.item(), args.max_kl,
-                                   args.ls_backtrack_ratio, args.ls_max_steps)
-    nn.utils.vector_to_parameters(new_theta, params)
-    accepted = not torch.equal(new_theta, theta)
-    loss_after, kl_after = evaluate(new_theta) if accepted else (surrogate.item(), 0.0)
+    new_theta, tried, loss_after, kl_after = line_search(evaluate, theta, full_step, surrogate.item(), args.max_kl,
+                                                         args.ls_backtrack_ratio, args.ls_max_steps)
+    nn.utils.vector_to_parameters(new_theta, params)  # theta itself when no step passed
     return {"losses/surrogate_before": surrogate.item(), "losses/surrogate_after": loss_after,
-            "losses/kl": kl_after, "losses/line_search_steps": tried, "losses/step_accepted": float(accepted),
-            "losses/grad_norm": gradient.norm().item()}
+            "losses/kl": kl_after, "losses/line_search_steps": tried,
+            "losses/step_accepted": float(new_theta is not theta), "losses/grad_norm": gradient.norm().item()}
 
 
 # ----------------------------------------------------------------------------------------------------

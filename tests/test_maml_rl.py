@@ -142,13 +142,13 @@ def test_line_search_rejects_steps_that_violate_the_kl_bound_or_do_not_improve()
         return -x.sum().item(), 0.5 * x.square().sum().item()
 
     theta, step = torch.zeros(2, dtype=torch.float64), torch.tensor([0.2, 0.0], dtype=torch.float64)
-    new, steps = maml.line_search(evaluate, theta, step, loss_before=0.0, max_kl=0.01, backtrack_ratio=0.8,
-                                  max_steps=15)
+    new, steps, loss, kl = maml.line_search(evaluate, theta, step, loss_before=0.0, max_kl=0.01, backtrack_ratio=0.8,
+                                            max_steps=15)
     torch.testing.assert_close(new, 0.64 * step)
-    assert steps == 3 and len(tried) == 3
+    assert steps == 3 and len(tried) == 3 and loss == pytest.approx(-0.128) and kl == pytest.approx(0.008192)
     # a step that never improves the loss is rejected whatever its KL: theta stays
-    new, steps = maml.line_search(lambda x: (1.0, 0.0), theta, step, 0.0, 0.01, 0.8, 15)
-    assert torch.equal(new, theta) and steps == 15
+    new, steps, loss, kl = maml.line_search(lambda x: (1.0, 0.0), theta, step, 0.0, 0.01, 0.8, 15)
+    assert new is theta and steps == 15 and loss == 0.0
 
 
 def test_trpo_meta_update_improves_the_surrogate_inside_the_trust_region():
