@@ -15,21 +15,35 @@ Task families (`--task`): navigation2d (point robot from (0, 0) to a goal ~ U[-0
 +-0.1, r = -distance, 100 steps), HalfCheetahVel (v* ~ U[0, 2], r = -|v_x - v*| - 0.05 |a|^2), HalfCheetahDir
 (+-1, r = d v_x - 0.05 |a|^2), AntVel (v* ~ U[0, 3]), AntDir (+-1); MuJoCo trajectories last 200 steps.
 
-Headline benchmark (HalfCheetahVel, the paper's 40 tasks x 20 trajectories x 200 steps, twice per
-meta-iteration = 320k env steps):  python maml_rl.py
-Small CPU configuration (a few minutes on 2 cores; docs/maml_rl.md):
-  python maml_rl.py --task navigation2d --total-timesteps 8000000
+Original configuration (cbfinn/maml_rl's example scripts): 40 tasks per meta-batch, 20 trajectories per
+task, Gaussian MLP (100, 100) ReLU with initial std 1 acting in [-1, 1] units (rllab's `normalize`: clipped and
+scaled to the env's bounds), inner step size 0.1 (navigation2d 0.5), gamma 0.99, GAE lambda 1 with rllab's
+linear feature baseline fitted per task on the trajectories it scores, advantages normalised per task, TRPO
+with max KL 0.01, 10 CG iterations, damping 1e-5, line search 0.8 x 15, Xavier-uniform weights and zero biases;
+100 meta-iterations on navigation2d, 800 on MuJoCo (the cheetah script's first version; a later one ran 1000).
+The meta-test samples 4000 env steps per task and step (40 trajectories on navigation2d, 20 on MuJoCo) and
+adapts with step size alpha, then alpha / 2 (the original test scripts).
 
-Where this script differs from the original code (cbfinn/maml_rl, rllab/TF1) and why:
+Headline benchmark (HalfCheetahVel, 40 tasks x 20 trajectories x 200 steps, twice per meta-iteration = 320k
+env steps):  python maml_rl.py
+Small CPU configuration (about a minute on 2 cores; docs/maml_rl.md):
+  python maml_rl.py --task navigation2d --meta-batch-size 20 --fast-batch-size 10 --hidden-sizes 32 32 \
+      --total-timesteps 1200000
+The paper's navigation2d (python maml_rl.py --task navigation2d) takes ~25 min on 2 CPU cores.
+
+Where this script differs from the original code and why:
   - gymnasium v5 MuJoCo envs with the task reward computed from their `info` (x velocity from positions), and
     their observations (v5 excludes the x position; rllab's added the torso's centre of mass). Ant never
     terminates (terminate_when_unhealthy=False), so every trajectory has the same length and all slots run
-    in lockstep; its other reward terms use rllab's constants (see `ANT_KWARGS`).
+    in lockstep (rllab's ant ended an episode when the torso left z in [0.2, 1]); its other reward terms use
+    rllab's constants (see `ANT_KWARGS`). Initial states use gymnasium's reset noise (uniform +-0.1 on the
+    joint positions), not rllab's.
   - navigation2d never stops at the goal (rllab's point env ended an episode within 0.01 of it), for the same
-    lockstep reason; a trajectory at the goal collects ~0 reward, so returns differ by little.
-  - The linear feature baseline is fitted per task on the trajectories it then scores (the PyTorch port's
-    choice), not on the previous batch.
-  - Action clipping happens in the env (rllab clipped in the env too); the policy's Gaussian is unbounded.
+    lockstep reason; a point at the goal collects ~0 reward, so returns differ by little.
+  - Hessian-vector products of the KL are exact (double back-propagation through the adaptation step);
+    rllab's optimiser used finite differences of gradients.
+  - `meta/return_step_k` are returns of the sampled (stochastic) trajectories, as the paper's; `eval/return`
+    adds the mean-action return after `num_inner_steps` steps, this project's evaluation convention.
 """
 
 import copy
@@ -80,14 +94,18 @@ class Args:
     task: str = "HalfCheetahVel"
     """task family: navigation2d, HalfCheetahVel, HalfCheetahDir, AntVel, AntDir"""
     total_timesteps: Optional[int] = None
-    """env steps of meta-training (default per task family: the paper's meta-iterations); one meta-iteration
-    takes meta_batch_size x fast_batch_size x horizon x (num_inner_steps + 1) steps"""
+    """env steps of meta-training (default per task family: the original's meta-iterations at its batch sizes,
+    16M for navigation2d, 256M for MuJoCo); a meta-iteration takes meta_batch_size x fast_batch_size x horizon x
+    (num_inner_steps + 1) steps"""
     eval_tasks: int = 40
     """held-out tasks of each meta-test"""
     eval_every: int = 10
     """meta-iterations between meta-tests"""
     eval_grad_steps: int = 3
     """meta-test: gradient steps on held-out tasks (returns after 0..eval_grad_steps steps are logged)"""
+    eval_trajectories: Optional[int] = None
+    """meta-test: trajectories per held-out task for each step (default 4000 env steps' worth, as the original
+    test scripts: navigation2d 40, MuJoCo 20)"""
 
     # MAML
     meta_batch_size: int = 40
@@ -111,7 +129,7 @@ class Args:
     gae_lambda: float = 1.0
     """GAE lambda (1: discounted return minus the baseline, as rllab)"""
     baseline_reg: float = 1e-5
-    """ridge coefficient of the linear feature baseline's least-squares fit"""
+    """ridge coefficient of the linear feature baseline's least-squares fit (> 0)"""
 
     # TRPO meta-update
     max_kl: float = 0.01
@@ -131,12 +149,13 @@ RUN_CONTROL_FIELDS = ("resume", "total_timesteps", "device", "track", "wandb_pro
 """Flags a resumed run takes from the command line; every other flag comes from the checkpoint."""
 
 STEPS_PER_ITERATION_PAPER = 40 * 20 * 2  # trajectories of one meta-iteration at the paper's size
-TASK_DEFAULTS = {  # horizon, inner step size and meta-iterations of the original code's examples
-    "navigation2d": dict(horizon=100, inner_lr=0.5, total_timesteps=100 * STEPS_PER_ITERATION_PAPER * 100),
-    "HalfCheetahVel": dict(horizon=200, inner_lr=0.1, total_timesteps=800 * STEPS_PER_ITERATION_PAPER * 200),
-    "HalfCheetahDir": dict(horizon=200, inner_lr=0.1, total_timesteps=800 * STEPS_PER_ITERATION_PAPER * 200),
-    "AntVel": dict(horizon=200, inner_lr=0.1, total_timesteps=800 * STEPS_PER_ITERATION_PAPER * 200),
-    "AntDir": dict(horizon=200, inner_lr=0.1, total_timesteps=800 * STEPS_PER_ITERATION_PAPER * 200),
+MUJOCO_DEFAULTS = dict(horizon=200, inner_lr=0.1, total_timesteps=800 * STEPS_PER_ITERATION_PAPER * 200,
+                       eval_trajectories=20)
+TASK_DEFAULTS = {  # horizon, inner step size, meta-iterations and test batch of the original code's scripts
+    "navigation2d": dict(horizon=100, inner_lr=0.5, total_timesteps=100 * STEPS_PER_ITERATION_PAPER * 100,
+                         eval_trajectories=40),
+    "HalfCheetahVel": MUJOCO_DEFAULTS, "HalfCheetahDir": MUJOCO_DEFAULTS, "AntVel": MUJOCO_DEFAULTS,
+    "AntDir": MUJOCO_DEFAULTS,
 }
 
 
@@ -161,13 +180,13 @@ def with_task_defaults(args: Args) -> Args:
 
 def check_args(args: Args) -> None:
     for name in ["total_timesteps", "meta_batch_size", "fast_batch_size", "horizon", "num_inner_steps",
-                 "cg_iters", "ls_max_steps", "checkpoint_every", "eval_every"]:
+                 "eval_trajectories", "cg_iters", "ls_max_steps", "checkpoint_every", "eval_every"]:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["inner_lr", "max_kl", "init_std"]:
+    for name in ["inner_lr", "max_kl", "init_std", "baseline_reg"]:
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ["eval_tasks", "eval_grad_steps", "cg_damping", "baseline_reg"]:
+    for name in ["eval_tasks", "eval_grad_steps", "cg_damping"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ["gamma", "gae_lambda"]:
@@ -204,7 +223,7 @@ class Navigation2D:
     """Point robot from (0, 0) to an unseen goal ~ U[-0.5, 0.5]^2 (MAML's 2D navigation): the action is a
     velocity clipped to [-0.1, 0.1]^2, the observation the position, the reward -||position - goal||."""
 
-    def __init__(self, num_envs: int, horizon: int):
+    def __init__(self, num_envs: int):
         self.num_envs, self.obs_dim = num_envs, 2
         self.action_space = gym.spaces.Box(-0.1, 0.1, (2,), np.float32)
 
@@ -275,10 +294,11 @@ class HalfCheetahDir(MujocoTasks):
         return self.tasks * info["x_velocity"] - 0.05 * np.square(actions).sum(-1)
 
 
-# rllab's ant: control cost 0.5e-2 |a|^2, contact cost 0.5e-3 |clip(F_ext, -1, 1)|^2, survive bonus 0.05
-# (and +1 on AntVel's velocity term); it ended an episode when the torso left z in [0.2, 1], ours never ends
-ANT_KWARGS = dict(terminate_when_unhealthy=False, ctrl_cost_weight=0.005, contact_cost_weight=5e-4,
-                  healthy_reward=0.05)
+# rllab's ant: control cost 0.5e-2 |a|^2, contact cost 0.5e-3 |clip(F_ext, -1, 1)|^2, a survive bonus of 0.05 at
+# every step (Ant-v5 pays its own only while healthy), +1 on AntVel's velocity term; rllab ended an episode when
+# the torso left z in [0.2, 1], ours never ends
+ANT_KWARGS = dict(terminate_when_unhealthy=False, ctrl_cost_weight=0.005, contact_cost_weight=5e-4)
+ANT_SURVIVE_BONUS = 0.05
 
 
 class AntVel(MujocoTasks):
@@ -289,7 +309,7 @@ class AntVel(MujocoTasks):
 
     def task_reward(self, info: dict, actions: np.ndarray) -> np.ndarray:
         return (1.0 - np.abs(info["x_velocity"] - self.tasks) + info["reward_ctrl"] + info["reward_contact"]
-                + info["reward_survive"])
+                + ANT_SURVIVE_BONUS)
 
 
 class AntDir(MujocoTasks):
@@ -299,12 +319,12 @@ class AntDir(MujocoTasks):
         return rng.choice([-1.0, 1.0], (n, 1))
 
     def task_reward(self, info: dict, actions: np.ndarray) -> np.ndarray:
-        return self.tasks * info["x_velocity"] + info["reward_ctrl"] + info["reward_contact"] + info["reward_survive"]
+        return self.tasks * info["x_velocity"] + info["reward_ctrl"] + info["reward_contact"] + ANT_SURVIVE_BONUS
 
 
 def make_tasks(args: Args, num_envs: int, render: bool = False):
     if args.task == "navigation2d":
-        return Navigation2D(num_envs, args.horizon)
+        return Navigation2D(num_envs)
     family = {"HalfCheetahVel": HalfCheetahVel, "HalfCheetahDir": HalfCheetahDir, "AntVel": AntVel,
               "AntDir": AntDir}[args.task]
     return family(num_envs, args.horizon, render)
@@ -314,7 +334,7 @@ def make_tasks(args: Args, num_envs: int, render: bool = False):
 # The policy, called functionally: params is a dict name -> [tasks, ...] tensor, one parameter set per task
 # ----------------------------------------------------------------------------------------------------
 class GaussianMLPPolicy(nn.Module):
-    """pi(a | s) = N(mu(s), diag(sigma^2)): an MLP mean (ReLU) and a state-independent log-std."""
+    """pi(a | s) = N(mu(s), diag(sigma^2)): an MLP mean (ReLU) and a state-independent log-std, sigma >= 1e-6."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], init_std: float):
         super().__init__()
@@ -323,10 +343,14 @@ class GaussianMLPPolicy(nn.Module):
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         self.mean = nn.Sequential(*layers, nn.Linear(width, act_dim))
+        for layer in self.mean:  # as the original: Xavier-uniform weights, zero biases
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean(obs), self.log_std
+        return self.mean(obs), self.log_std.clamp_min(math.log(1e-6))
 
 
 def per_task(params: dict[str, torch.Tensor], num_tasks: int) -> dict[str, torch.Tensor]:
@@ -409,7 +433,10 @@ def fit_linear_baseline(features: torch.Tensor, targets: torch.Tensor, reg: floa
     gram, rhs = x.transpose(1, 2) @ x, (x.transpose(1, 2) @ y.unsqueeze(-1))
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     for _ in range(5):
-        weights = torch.linalg.solve(gram + reg * eye, rhs)[..., 0]
+        try:
+            weights = torch.linalg.solve(gram + reg * eye, rhs)[..., 0]
+        except torch.linalg.LinAlgError:  # singular: as not finite
+            weights = torch.full_like(rhs[..., 0], math.nan)
         if torch.isfinite(weights).all():
             break
         reg *= 10
@@ -427,7 +454,7 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def compute_advantages(batch: dict, gamma: float, lam: float, reg: float) -> torch.Tensor:
     """GAE with the linear feature baseline fitted to this task's returns, normalised per task to mean 0,
-    std 1 (rllab's center_adv). rewards [T, N, H] -> advantages [T, N, H]."""
+    std 1 (rllab's center_adv, population std). rewards [T, N, H] -> advantages [T, N, H]."""
     features = baseline_features(batch["obs"])
     weights = fit_linear_baseline(features, discounted_returns(batch["rewards"], gamma), reg)
     values = (features @ weights[:, None, :, None])[..., 0]  # [T, N, H]
@@ -435,7 +462,7 @@ def compute_advantages(batch: dict, gamma: float, lam: float, reg: float) -> tor
     deltas = batch["rewards"] + gamma * next_values - values
     advantages = discounted_returns(deltas, gamma * lam)
     flat = advantages.flatten(1)
-    mean, std = flat.mean(1), flat.std(1)
+    mean, std = flat.mean(1), flat.std(1, unbiased=False)
     return (advantages - mean[:, None, None]) / (std[:, None, None] + 1e-8)
 
 
@@ -461,8 +488,9 @@ def inner_adapt(policy: GaussianMLPPolicy, params: dict[str, torch.Tensor], batc
 
 def adapted_params(policy: GaussianMLPPolicy, inner_batches: list[dict], args: Args,
                    differentiable: bool) -> dict[str, torch.Tensor]:
-    """theta'_i from the current theta and the stored inner trajectories, one step per inner batch.
-    differentiable=False (line search, sampling) returns tensors without a graph back to theta."""
+    """theta'_i from the current theta and the stored inner trajectories, one step per inner batch (always from
+    theta: the meta-update needs the whole chain in one graph). differentiable=False (line search, sampling)
+    returns tensors without a graph back to theta."""
     num_tasks = len(inner_batches[0]["rewards"])
     params = dict(policy.named_parameters())
     if not differentiable:
@@ -522,19 +550,26 @@ def line_search(evaluate: Callable[[torch.Tensor], tuple[float, float]], theta: 
     return theta, max_steps, loss_before, 0.0
 
 
+def kl_hessian_vector_product(kl: torch.Tensor, params: list[nn.Parameter],
+                              damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> (F + damping I) v with F the Hessian of the mean KL in theta -- through the adaptation step when
+    the KL's graph holds it. F v = d/dtheta (grad_theta KL . v): the gradient's graph is built once and reused."""
+    kl_gradient = nn.utils.parameters_to_vector(torch.autograd.grad(kl, params, create_graph=True))
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        hvp = torch.autograd.grad(kl_gradient @ v, params, retain_graph=True)
+        return nn.utils.parameters_to_vector(hvp) + damping * v
+
+    return product
+
+
 def trpo_meta_update(policy: GaussianMLPPolicy, inner_batches: list[dict], outer_batch: dict, args: Args) -> dict:
     params = list(policy.parameters())
     theta = nn.utils.parameters_to_vector(params).detach()
     surrogate, kl = meta_objective(policy, inner_batches, outer_batch, args)
     # the meta-gradient: through theta'_i(theta), Hessian term included unless --first-order
     gradient = nn.utils.parameters_to_vector(torch.autograd.grad(surrogate, params, retain_graph=True))
-    # F v = d/dtheta (grad_theta KL . v), the KL's Hessian through the adaptation step, built once and reused
-    kl_gradient = nn.utils.parameters_to_vector(torch.autograd.grad(kl, params, create_graph=True))
-
-    def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
-        hvp = torch.autograd.grad(kl_gradient @ v, params, retain_graph=True)
-        return nn.utils.parameters_to_vector(hvp) + args.cg_damping * v
-
+    fisher_vector_product = kl_hessian_vector_product(kl, params, args.cg_damping)
     direction = conjugate_gradient(fisher_vector_product, -gradient, args.cg_iters)  # F^-1 (-g)
     # largest step along it inside the quadratic trust region: 1/2 s^T F s = max_kl
     curvature = direction @ fisher_vector_product(direction)
@@ -576,21 +611,21 @@ def sample_meta_batch(policy: GaussianMLPPolicy, tasks, task_params: np.ndarray,
 
 def meta_test(policy: GaussianMLPPolicy, tasks, task_params: np.ndarray, args: Args, device: torch.device,
               greedy_tasks=None) -> dict[str, float]:
-    """The paper's evaluation: on held-out tasks, mean return of fast_batch_size sampled trajectories after
+    """The paper's evaluation: on held-out tasks, mean return of eval_trajectories sampled trajectories after
     0, 1, ..., eval_grad_steps inner steps, each step on the trajectories just sampled with step size alpha
     for the first and alpha / 2 for later ones (the original test scripts); with greedy_tasks, also the
-    mean-action return after num_inner_steps steps (`eval/return`)."""
+    mean-action return after min(num_inner_steps, eval_grad_steps) of these steps (`eval/return`)."""
     # the same env and action noise at every meta-test, and none drawn from the training's generators
     rng = np.random.default_rng(args.seed + 20_000)
     generator = torch.Generator(device).manual_seed(args.seed + 20_000)
     params = per_task({k: p.detach() for k, p in policy.named_parameters()}, len(task_params))
     metrics = {}
     for k in range(args.eval_grad_steps + 1):
-        seeds = [int(s) for s in rng.integers(2**31 - 1, size=len(task_params) * args.fast_batch_size)]
-        batch = sample_trajectories(policy, params, tasks, task_params, args.fast_batch_size, args.horizon, device,
+        seeds = [int(s) for s in rng.integers(2**31 - 1, size=len(task_params) * args.eval_trajectories)]
+        batch = sample_trajectories(policy, params, tasks, task_params, args.eval_trajectories, args.horizon, device,
                                     env_seeds=seeds, generator=generator)
         metrics[f"meta/return_step_{k}"] = batch["rewards"].sum(-1).mean().item()
-        if greedy_tasks is not None and k == args.num_inner_steps:
+        if greedy_tasks is not None and k == min(args.num_inner_steps, args.eval_grad_steps):
             greedy = sample_trajectories(policy, params, greedy_tasks, task_params, 1, args.horizon, device,
                                          env_seeds=seeds[:len(task_params)], greedy=True)
             metrics["eval/return"] = greedy["rewards"].sum(-1).mean().item()
@@ -682,16 +717,17 @@ def record_video(policy: GaussianMLPPolicy, args: Args, task_params: np.ndarray,
     sampler = make_tasks(args, args.fast_batch_size)
     camera = make_tasks(args, 1, render=True)
     params = per_task({k: p.detach() for k, p in policy.named_parameters()}, 1)
+    fps = camera.envs.envs[0].metadata.get("render_fps", 30)
     for name in ["before_adaptation", "after_adaptation"]:
+        if name == "after_adaptation":  # one inner step on sampled trajectories of this task
+            batch = sample_trajectories(policy, params, sampler, task_params[:1], args.fast_batch_size, args.horizon,
+                                        device, [args.seed + i for i in range(args.fast_batch_size)])
+            batch["advantages"] = compute_advantages(batch, args.gamma, args.gae_lambda, args.baseline_reg)
+            params = {k: p.detach() for k, p in inner_adapt(
+                policy, {k: p.requires_grad_() for k, p in params.items()}, batch, args.inner_lr, False).items()}
         camera.frames.clear()
         sample_trajectories(policy, params, camera, task_params[:1], 1, args.horizon, device, [args.seed], greedy=True)
-        fps = camera.envs.envs[0].metadata.get("render_fps", 30)
         ImageSequenceClip(camera.frames, fps=fps).write_videofile(os.path.join(folder, f"{name}.mp4"), logger=None)
-        batch = sample_trajectories(policy, params, sampler, task_params[:1], args.fast_batch_size, args.horizon,
-                                    device, [args.seed + i for i in range(args.fast_batch_size)])
-        batch["advantages"] = compute_advantages(batch, args.gamma, args.gae_lambda, args.baseline_reg)
-        params = {k: p.detach() for k, p in inner_adapt(
-            policy, {k: p.requires_grad_() for k, p in params.items()}, batch, args.inner_lr, False).items()}
     sampler.envs.close()
     camera.envs.close()
 
@@ -735,12 +771,14 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    # env slots: meta_batch_size x fast_batch_size for training, eval_tasks x fast_batch_size for the meta-test
+    # env slots: meta_batch_size x fast_batch_size for training, eval_tasks x eval_trajectories for the meta-test
     # (the same envs when the counts agree), and one per held-out task for the mean-action evaluation
     tasks = make_tasks(args, args.meta_batch_size * args.fast_batch_size)
-    eval_slots = args.eval_tasks * args.fast_batch_size
-    test_tasks = tasks if eval_slots == tasks.num_envs else make_tasks(args, eval_slots) if eval_slots else None
-    greedy_tasks = make_tasks(args, args.eval_tasks) if args.eval_tasks else None
+    test_tasks = greedy_tasks = None
+    if args.eval_tasks:
+        eval_slots = args.eval_tasks * args.eval_trajectories
+        test_tasks = tasks if eval_slots == tasks.num_envs else make_tasks(args, eval_slots)
+        greedy_tasks = make_tasks(args, args.eval_tasks)
     task_rng = np.random.default_rng(args.seed)  # training tasks and env seeds
     eval_task_params = tasks.sample_tasks(args.eval_tasks, np.random.default_rng(args.seed + 10_000))
 

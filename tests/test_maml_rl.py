@@ -35,37 +35,88 @@ def random_batch(rng: torch.Generator, tasks: int, trajectories: int, horizon: i
 # ----------------------------------------------------------------------------------------------------
 # The meta-gradient
 # ----------------------------------------------------------------------------------------------------
-def test_meta_gradient_matches_finite_differences_and_first_order_drops_the_hessian_term():
-    # J(theta) = post-adaptation surrogate of theta'_i = theta - alpha grad L_i(theta), on fixed trajectories:
-    # a deterministic function of theta, so its finite differences are the exact meta-gradient
-    torch.manual_seed(0)
+def tiny_problem(inner_steps: int = 1):
+    """A float64 policy and fixed trajectories: the meta-objective is a deterministic function of theta."""
     rng = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     policy = maml.GaussianMLPPolicy(3, 2, (5,), init_std=0.7).double()
-    inner, outer = random_batch(rng, 2, 3, 4, 3, 2), random_batch(rng, 2, 3, 4, 3, 2)
-    params = list(policy.parameters())
-    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    inner = [random_batch(rng, 2, 3, 4, 3, 2) for _ in range(inner_steps)]
+    return policy, inner, random_batch(rng, 2, 3, 4, 3, 2)
 
-    def objective(first_order: bool, differentiable: bool) -> torch.Tensor:
-        args = maml.Args(inner_lr=0.5, first_order=first_order)
-        return maml.meta_objective(policy, [inner], outer, args, differentiable)[0]
 
-    def gradient(first_order: bool) -> torch.Tensor:
-        return torch.nn.utils.parameters_to_vector(torch.autograd.grad(objective(first_order, True), params))
-
-    finite_differences = torch.zeros_like(theta)
+def finite_differences(f, theta: torch.Tensor, params: list, eps: float = 1e-6) -> torch.Tensor:
+    """Central differences of f() (a tensor) in each coordinate of the parameter vector theta."""
+    columns = []
     for k in range(len(theta)):
         values = []
         for sign in [1, -1]:
             shifted = theta.clone()
-            shifted[k] += sign * 1e-6
+            shifted[k] += sign * eps
             torch.nn.utils.vector_to_parameters(shifted, params)
-            values.append(objective(False, differentiable=False).item())
-        finite_differences[k] = (values[0] - values[1]) / 2e-6
+            values.append(f().detach())
+        columns.append((values[0] - values[1]) / (2 * eps))
     torch.nn.utils.vector_to_parameters(theta, params)
-    second_order, first_order = gradient(False), gradient(True)
-    torch.testing.assert_close(second_order, finite_differences, rtol=1e-6, atol=1e-8)
-    # FOMAML: the gradient of the outer loss at theta', (I - alpha H) replaced by I -- a different vector here
-    assert (first_order - finite_differences).norm() > 0.05 * finite_differences.norm()
+    return torch.stack(columns, -1)
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_meta_gradient_matches_finite_differences_and_first_order_drops_the_hessian_term(inner_steps):
+    # J(theta) = post-adaptation surrogate of theta'_i = theta - alpha grad L_i(theta) (one or two steps) on
+    # fixed trajectories: a deterministic function of theta, so its finite differences are the meta-gradient
+    policy, inner, outer = tiny_problem(inner_steps)
+    params = list(policy.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+
+    def objective(first_order: bool, differentiable: bool = True) -> torch.Tensor:
+        return maml.meta_objective(policy, inner, outer, maml.Args(inner_lr=0.5, first_order=first_order),
+                                   differentiable)[0]
+
+    def gradient(first_order: bool) -> torch.Tensor:
+        return torch.nn.utils.parameters_to_vector(torch.autograd.grad(objective(first_order), params))
+
+    expected = finite_differences(lambda: objective(False, differentiable=False), theta, params)
+    torch.testing.assert_close(gradient(False), expected, rtol=1e-6, atol=1e-8)
+    # FOMAML: (I - alpha H) replaced by I, i.e. the outer loss's gradient at theta'_i, summed over tasks --
+    # a different vector here
+    first_order = gradient(True)
+    assert (first_order - expected).norm() > 0.05 * expected.norm()
+    adapted = {k: v.requires_grad_() for k, v in maml.adapted_params(policy, inner, maml.Args(inner_lr=0.5),
+                                                                      differentiable=False).items()}
+    mean, log_std = maml.policy_forward(policy, adapted, outer["obs"].flatten(1, 2))
+    log_probs = maml.gaussian_log_prob(mean, log_std, outer["actions"].flatten(1, 2))
+    ratio = torch.exp(log_probs - outer["log_probs"].flatten(1))
+    at_adapted = torch.autograd.grad(-(ratio * outer["advantages"].flatten(1)).mean(), list(adapted.values()))
+    torch.testing.assert_close(first_order, torch.cat([g.sum(0).flatten() for g in at_adapted]))
+
+
+def test_kl_hessian_vector_product_through_the_adaptation_matches_finite_differences():
+    # F v must be the derivative of grad_theta KL(pi_old || pi_theta'(theta)) along v, adaptation included
+    policy, inner, outer = tiny_problem()
+    params = list(policy.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    args = maml.Args(inner_lr=0.5)
+
+    def kl_gradient():
+        kl = maml.meta_objective(policy, inner, outer, args)[1]
+        return torch.nn.utils.parameters_to_vector(torch.autograd.grad(kl, params))
+
+    v = torch.randn(len(theta), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    product = maml.kl_hessian_vector_product(maml.meta_objective(policy, inner, outer, args)[1], params, 0.0)
+    hessian = finite_differences(kl_gradient, theta, params)
+    torch.testing.assert_close(product(v), hessian @ v, rtol=1e-5, atol=1e-8)
+    damped = maml.kl_hessian_vector_product(maml.meta_objective(policy, inner, outer, args)[1], params, 0.1)
+    torch.testing.assert_close(damped(v), hessian @ v + 0.1 * v, rtol=1e-5, atol=1e-8)
+
+
+def test_gaussian_kl_and_log_prob_match_torch_distributions():
+    rng = torch.Generator().manual_seed(6)
+    mean_p, mean_q, actions = (torch.randn(2, 4, 3, generator=rng, dtype=torch.float64) for _ in range(3))
+    log_std_p, log_std_q = (torch.randn(2, 3, generator=rng, dtype=torch.float64) * 0.5 for _ in range(2))
+    p = torch.distributions.Normal(mean_p, log_std_p.exp()[:, None])
+    q = torch.distributions.Normal(mean_q, log_std_q.exp()[:, None])
+    torch.testing.assert_close(maml.gaussian_kl(mean_p, log_std_p, mean_q, log_std_q),
+                               torch.distributions.kl_divergence(p, q).sum(-1))
+    torch.testing.assert_close(maml.gaussian_log_prob(mean_p, log_std_p, actions), p.log_prob(actions).sum(-1))
 
 
 def test_inner_adapt_takes_each_tasks_own_gradient_step():
@@ -119,7 +170,7 @@ def test_advantages_use_each_tasks_own_baseline_and_are_normalised_per_task(lam)
             expected = returns - b
         else:
             expected = rewards[task] + gamma * np.concatenate([b[:, 1:], np.zeros((3, 1))], 1) - b
-        expected = (expected - expected.mean()) / (expected.std(ddof=1) + 1e-8)
+        expected = (expected - expected.mean()) / (expected.std() + 1e-8)  # population std, as rllab
         np.testing.assert_allclose(advantages[task], expected, rtol=1e-6, atol=1e-8)
 
 
@@ -151,23 +202,63 @@ def test_line_search_rejects_steps_that_violate_the_kl_bound_or_do_not_improve()
     assert new is theta and steps == 15 and loss == 0.0
 
 
-def test_trpo_meta_update_improves_the_surrogate_inside_the_trust_region():
+def navigation_meta_batch(max_kl: float = 0.01):
     torch.manual_seed(0)
-    args = maml.with_task_defaults(tiny(meta_batch_size=6, fast_batch_size=5))
+    args = maml.with_task_defaults(tiny(meta_batch_size=6, fast_batch_size=5, max_kl=max_kl))
     tasks = maml.make_tasks(args, 30)
     policy = maml.GaussianMLPPolicy(2, 2, (16,), 1.0)
     rng = np.random.default_rng(0)
     inner, outer = maml.sample_meta_batch(policy, tasks, tasks.sample_tasks(6, rng), args, CPU, rng)
-    surrogate, kl = maml.meta_objective(policy, inner, outer, args)
+    return args, policy, inner, outer
+
+
+def test_trpo_meta_update_improves_the_surrogate_inside_the_trust_region():
+    args, policy, inner, outer = navigation_meta_batch()
     # at the sampling parameters theta'_i(theta) reproduces the policies that sampled: ratio 1, KL 0
-    torch.testing.assert_close(surrogate, -outer["advantages"].mean(), atol=1e-5, rtol=0)
+    adapted = maml.adapted_params(policy, inner, args, differentiable=False)
+    mean, log_std = maml.policy_forward(policy, adapted, outer["obs"].flatten(1, 2))
+    log_probs = maml.gaussian_log_prob(mean, log_std, outer["actions"].flatten(1, 2))
+    torch.testing.assert_close(log_probs, outer["log_probs"].flatten(1), atol=1e-4, rtol=1e-5)
+    surrogate, kl = maml.meta_objective(policy, inner, outer, args)
     assert abs(kl.item()) < 1e-6
     before = torch.nn.utils.parameters_to_vector(policy.parameters()).detach().clone()
     stats = maml.trpo_meta_update(policy, inner, outer, args)
     after, kl_after = maml.meta_objective(policy, inner, outer, args, differentiable=False)
     assert stats["losses/step_accepted"] == 1.0
     assert after.item() < surrogate.item() and 0 < kl_after.item() <= args.max_kl
+    assert stats["losses/kl"] == pytest.approx(kl_after.item(), rel=1e-4)
     assert not torch.equal(torch.nn.utils.parameters_to_vector(policy.parameters()), before)
+
+
+def test_full_step_meets_the_quadratic_trust_region_and_a_rejected_update_restores_theta(monkeypatch):
+    # the full step s must satisfy 1/2 s^T F s = max_kl with F the KL's Hessian through the adaptation --
+    # checked with F s from finite differences of grad KL along s (float64, smooth: random observations keep
+    # ReLUs off their kinks; navigation's (0, 0) start with zero biases sits on them); a Fisher product of the
+    # wrong matrix (e.g. F = I) or a step off by sqrt(2) fails. The line search below rejects every step.
+    policy, inner, outer = tiny_problem()
+    args = maml.Args(inner_lr=0.5, max_kl=0.01, cg_damping=0.0)
+    params = list(policy.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    steps = []
+
+    def reject_all(evaluate, theta, full_step, loss_before, max_kl, backtrack_ratio, max_steps):
+        steps.append(full_step)
+        evaluate(theta + full_step)  # moves the policy's parameters
+        return theta, max_steps, loss_before, 0.0
+
+    monkeypatch.setattr(maml, "line_search", reject_all)
+    stats = maml.trpo_meta_update(policy, inner, outer, args)
+    assert stats["losses/step_accepted"] == 0.0
+    assert torch.equal(torch.nn.utils.parameters_to_vector(policy.parameters()), theta)
+
+    def kl_gradient_at(x):
+        torch.nn.utils.vector_to_parameters(x, params)
+        kl = maml.meta_objective(policy, inner, outer, args)[1]
+        return torch.nn.utils.parameters_to_vector(torch.autograd.grad(kl, params))
+
+    s, eps = steps[0], 1e-6
+    fisher_s = (kl_gradient_at(theta + eps * s) - kl_gradient_at(theta - eps * s)) / (2 * eps)
+    assert 0.5 * s @ fisher_s == pytest.approx(args.max_kl, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,16 +283,17 @@ def test_each_task_samples_with_its_own_parameters():
     torch.testing.assert_close(batch["rewards"], -distance)
 
 
-@pytest.mark.parametrize("family", ["HalfCheetahVel", "AntVel"])
+@pytest.mark.parametrize("family", ["HalfCheetahVel", "HalfCheetahDir", "AntVel", "AntDir"])
 def test_mujoco_task_reward_uses_the_velocity_from_positions(family):
     args = maml.with_task_defaults(tiny(task=family))
     tasks = maml.make_tasks(args, 2)
-    tasks.set_tasks(np.array([[0.5], [2.0]]))
+    task = np.array([0.5, 2.0]) if family.endswith("Vel") else np.array([1.0, -1.0])
+    tasks.set_tasks(task[:, None])
     tasks.reset(seed=[0, 1])
     rng = np.random.default_rng(0)
     envs = [env.unwrapped for env in tasks.envs.envs]
     # the x position gymnasium differentiates: HalfCheetah's root joint, Ant's torso (its xpos lags a substep)
-    x = (lambda: np.array([env.data.qpos[0] for env in envs])) if family == "HalfCheetahVel" else (
+    x = (lambda: np.array([env.data.qpos[0] for env in envs])) if family.startswith("HalfCheetah") else (
         lambda: np.array([env.data.body("torso").xpos[0] for env in envs]))
     for _ in range(3):
         x_before = x()
@@ -209,13 +301,39 @@ def test_mujoco_task_reward_uses_the_velocity_from_positions(family):
         _, rewards = tasks.step(actions)
         velocity = (x() - x_before) / envs[0].dt
         control = np.square(np.clip(actions, -1, 1)).sum(-1)
-        if family == "HalfCheetahVel":  # r = -|v_x - v*| - 0.05 |a|^2
-            expected = -np.abs(velocity - [0.5, 2.0]) - 0.05 * control
-        else:  # rllab's ant: 1 - |v_x - v*| - 0.005 |a|^2 - contact cost + 0.05
+        forward = -np.abs(velocity - task) if family.endswith("Vel") else task * velocity
+        if family.startswith("HalfCheetah"):  # r = -|v_x - v*| or d v_x, - 0.05 |a|^2
+            expected = forward - 0.05 * control
+        else:  # rllab's ant: (1 - |v_x - v*| or d v_x) - 0.005 |a|^2 - contact cost + 0.05, also when unhealthy
             contact = np.array([5e-4 * np.square(np.clip(env.data.cfrc_ext, -1, 1)).sum() for env in envs])
-            expected = 1.0 - np.abs(velocity - [0.5, 2.0]) - 0.005 * control - contact + 0.05
+            expected = forward + family.endswith("Vel") - 0.005 * control - contact + 0.05
         np.testing.assert_allclose(rewards, expected, rtol=1e-5, atol=1e-5)
     tasks.envs.close()
+
+
+@pytest.mark.parametrize("family, low, high, values", [
+    ("navigation2d", -0.5, 0.5, None), ("HalfCheetahVel", 0.0, 2.0, None), ("AntVel", 0.0, 3.0, None),
+    ("HalfCheetahDir", -1, 1, {-1.0, 1.0}), ("AntDir", -1, 1, {-1.0, 1.0})])
+def test_task_distributions(family, low, high, values):
+    tasks = maml.make_tasks(maml.with_task_defaults(tiny(task=family)), 1)
+    params = tasks.sample_tasks(2000, np.random.default_rng(0))
+    assert params.min() >= low and params.max() <= high
+    assert params.min() < low + 0.05 and params.max() > high - 0.05  # the whole range, not a corner of it
+    if values is not None:
+        assert set(params.ravel()) == values and abs(params.mean()) < 0.1
+
+
+def test_meta_test_adapts_with_alpha_then_half_alpha_on_fresh_trajectories(monkeypatch):
+    args = maml.with_task_defaults(tiny(eval_trajectories=6, eval_tasks=2))
+    tasks = maml.make_tasks(args, 12)
+    policy = maml.GaussianMLPPolicy(2, 2, (8,), 1.0)
+    calls, sampled = [], []
+    real_adapt, real_sample = maml.inner_adapt, maml.sample_trajectories
+    monkeypatch.setattr(maml, "inner_adapt", lambda *a, **k: calls.append(a[3]) or real_adapt(*a, **k))
+    monkeypatch.setattr(maml, "sample_trajectories", lambda *a, **k: sampled.append(a[4]) or real_sample(*a, **k))
+    metrics = maml.meta_test(policy, tasks, tasks.sample_tasks(2, np.random.default_rng(0)), args, CPU)
+    assert calls == [0.5, 0.25, 0.25] and sampled == [6, 6, 6, 6]
+    assert sorted(metrics) == [f"meta/return_step_{k}" for k in range(4)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,6 +366,18 @@ def test_every_mujoco_task_family_runs(in_tmp, task):
     assert result["global_step"] == 40 and np.isfinite(result["meta/return_step_1"])
 
 
+@pytest.mark.parametrize("overrides, logged, absent", [
+    (dict(num_inner_steps=2, eval_grad_steps=1), {"meta/return_step_1", "eval/return"}, {"meta/return_step_2"}),
+    (dict(eval_grad_steps=0), {"meta/return_step_0", "eval/return"}, {"meta/return_step_1"}),
+    (dict(eval_tasks=0), {"meta/post_adapt_return"}, {"meta/return_step_0", "eval/return"}),
+])
+def test_other_inner_steps_and_meta_test_settings_run(in_tmp, overrides, logged, absent):
+    result = maml.main(tiny(total_timesteps=1, **overrides))
+    tags = set(run_events(result["run_dir"], "maml_rl").Tags()["scalars"])
+    assert logged <= tags and not absent & tags
+    assert result["global_step"] == 4 * 4 * 10 * (overrides.get("num_inner_steps", 1) + 1)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(task="Walker"), "unknown --task Walker; use one of navigation2d, HalfCheetahVel"),
     (dict(task="CartPole-v1"), "--task CartPole-v1 has discrete actions"),
@@ -257,6 +387,7 @@ def test_every_mujoco_task_family_runs(in_tmp, task):
     (dict(meta_batch_size=0), "--meta-batch-size must be at least 1, got 0"),
     (dict(ls_backtrack_ratio=1.0), "--ls-backtrack-ratio must be in"),
     (dict(hidden_sizes=()), "--hidden-sizes needs at least one layer"),
+    (dict(baseline_reg=0.0), "--baseline-reg must be > 0"),
     (dict(capture_video=True), "--capture-video records MuJoCo tasks"),
     (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
 ])
@@ -295,11 +426,14 @@ def test_navigation_one_step_adapts_the_meta_learned_policy_better_than_a_random
                 hidden_sizes=(32, 32), eval_tasks=40, eval_every=1000, save_model=False, seed=1)
     result = maml.main(args)
     full = maml.with_task_defaults(args)
-    tasks = maml.make_tasks(full, full.eval_tasks * full.fast_batch_size)
+    tasks = maml.make_tasks(full, full.eval_tasks * full.eval_trajectories)
     torch.manual_seed(123)
     untrained = maml.GaussianMLPPolicy(2, 2, full.hidden_sizes, full.init_std)
     random_init = maml.meta_test(untrained, tasks, result["eval_task_params"], full, CPU)
     learned = {k: result[k] for k in random_init}
     print(f"meta-learned {learned}\nrandom init {random_init}")
-    assert learned["meta/return_step_1"] > learned["meta/return_step_0"] + 20
+    # seen (seed 1): meta-learned -41.9 before, -16.6 after one step; random initialisation -87.1, -62.3. A
+    # step that does not adapt (zero or wrong-signed inner gradient) ends at or below its start; an
+    # initialisation that was not meta-learned adapts from far worse
+    assert learned["meta/return_step_1"] > learned["meta/return_step_0"] + 10
     assert learned["meta/return_step_1"] > random_init["meta/return_step_1"] + 10
