@@ -2,16 +2,17 @@
 
   python benchmarks/report.py runs/sweeps/mbrl_ensemble-cpu
   python benchmarks/report.py runs/sweeps/mbrl_mpc-cpu runs/sweeps/mbrl_mpc-cpu_horizon --out benchmarks/results/x
+  python benchmarks/report.py runs/sweeps/maml_rl-cpu_navigation --metric meta/return_step_0 meta/return_step_1
 
 Writes to --out (default benchmarks/results/<sweep name>):
   curves.csv    one row per logged value: sweep, script, env, variant, seed, step, metric, value, wall_time
                 (s since the run's first event; a resumed run includes its pauses), hardware, status
   <env>.png     one figure per env: mean +- std (population std, ddof 0) over seeds per (sweep, script,
-                variant), each seed thin, published numbers as crosses
+                variant), each seed thin, published numbers as crosses (<env>__<metric>.png for several metrics)
   table.md      the metric at the table steps (per env where the sweep sets env_table_steps): mean +- std
                 over the seeds that reached the step (values linearly interpolated between logged points),
                 per seed, and the published number at that step from --published (script, env, step,
-                metric, value, source) where there is one
+                metric, value, source) where there is one; one table per metric
 Runs still going or interrupted are included up to where they got (their status says so).
 """
 
@@ -39,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Args:
     sweeps: tyro.conf.Positional[list[str]]
     """sweep folders written by benchmarks/run.py (runs/sweeps/<name>)"""
-    metric: Optional[str] = None
-    """TensorBoard key to report (default: the first sweep's metric)"""
+    metric: Optional[list[str]] = None
+    """TensorBoard key(s) to report (default: the first sweep's metric)"""
     steps: Optional[list[int]] = None
     """env steps of the table (default: the sweeps' table steps)"""
     published: str = os.path.join(ROOT, "benchmarks", "published.csv")
@@ -171,10 +172,8 @@ def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric:
     return lines
 
 
-def main(args: Args) -> dict:
-    sweeps = [read_sweep(sweep_dir) for sweep_dir in args.sweeps]
-    settings = [sweep for sweep, _ in sweeps]
-    metric = args.metric or settings[0]["metric"]
+def read_runs(sweeps: list[tuple[dict, list[dict]]], metric: str) -> tuple[list[Run], list[str]]:
+    """Every job's curve of one metric, and the jobs without a run folder."""
     runs, missing, tags = [], [], set()
     for sweep, jobs in sweeps:
         for job in jobs:
@@ -187,6 +186,14 @@ def main(args: Args) -> dict:
                             job.get("status", "?"), job.get("hardware", ""), steps, values, wall))
     if runs and not any(len(run.steps) for run in runs):
         raise SystemExit(f"error: no run logged {metric}; logged keys: {', '.join(sorted(tags))}")
+    return runs, missing
+
+
+def main(args: Args) -> dict:
+    sweeps = [read_sweep(sweep_dir) for sweep_dir in args.sweeps]
+    settings = [sweep for sweep, _ in sweeps]
+    metrics = args.metric or [settings[0]["metric"]]
+
     def table_steps(env: str) -> list[int]:  # --steps, else the sweeps' steps for this env, else their steps
         per_env = {s for sweep in settings for s in sweep.get("env_table_steps", {}).get(env, [])}
         return args.steps or sorted(per_env or {s for sweep in settings for s in sweep.get("table_steps", [])})
@@ -195,19 +202,24 @@ def main(args: Args) -> dict:
     os.makedirs(out, exist_ok=True)
     published = read_published(args.published)
 
+    lines, figures = [], 0
     with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["sweep", "script", "env", "variant", "seed", "step", "metric", "value", "wall_time",
                          "hardware", "status"])
-        for run in runs:
-            for step, value, wall in zip(run.steps, run.values, run.wall):
-                writer.writerow([run.sweep, run.script, run.env, run.variant, run.seed, int(step), metric,
-                                 f"{value:.4f}", f"{wall:.1f}", run.hardware, run.status])
-    envs = sorted({run.env for run in runs})
-    for env in envs:
-        plot_env(env, [run for run in runs if run.env == env], published, metric, many_sweeps,
-                 os.path.join(out, f"{env.replace(':', '-')}.png"))
-    lines = table(runs, {env: table_steps(env) for env in envs}, published, metric, many_sweeps)
+        for metric in metrics:
+            runs, missing = read_runs(sweeps, metric)
+            for run in runs:
+                for step, value, wall in zip(run.steps, run.values, run.wall):
+                    writer.writerow([run.sweep, run.script, run.env, run.variant, run.seed, int(step), metric,
+                                     f"{value:.4f}", f"{wall:.1f}", run.hardware, run.status])
+            envs = sorted({run.env for run in runs})
+            for env in envs:
+                name = env.replace(":", "-") + ("" if len(metrics) == 1 else "__" + metric.replace("/", "-"))
+                plot_env(env, [run for run in runs if run.env == env], published, metric, many_sweeps,
+                         os.path.join(out, f"{name}.png"))
+            figures += len(envs)
+            lines += [*table(runs, {env: table_steps(env) for env in envs}, published, metric, many_sweeps), ""]
     unfinished = [f"{run.sweep}/{run.script} {run.env} {run.variant} seed {run.seed} ({run.status})"
                   for run in runs if run.status != "finished"]
     notes = [f"- not finished, included up to its last logged step: {u}" for u in unfinished]
@@ -215,10 +227,11 @@ def main(args: Args) -> dict:
     hardware = sorted({run.hardware for run in runs if run.hardware})
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join([f"Sweeps: {', '.join(s['name'] for s in settings)}; hardware: {'; '.join(hardware)}",
-                           "", *lines, "", *notes]) + "\n")
+                           "", *lines, *notes]) + "\n")
     print("\n".join(lines + notes))
-    print(f"wrote {out}/curves.csv, table.md and {len(envs)} figure(s)")
-    return {"out": out, "runs": len(runs), "table_rows": len(lines) - 2, "figures": len(envs)}
+    print(f"wrote {out}/curves.csv, table.md and {figures} figure(s)")
+    table_rows = sum(1 for line in lines if line.startswith("| ") and not line.startswith("| run |"))
+    return {"out": out, "runs": len(runs), "table_rows": table_rows, "figures": figures}
 
 
 if __name__ == "__main__":

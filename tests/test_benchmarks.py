@@ -114,6 +114,17 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     assert len(table_rows) == 3 and all("(2) |" in line for line in table_rows)
     assert "| 50 |" in table_rows[2] and "| 7.5 | a test source |" in table_rows[2]
     assert "no data: c-tiny/mbrl_mpc__CartPole-v1__s1 (failed" in table
+    # several metrics: a figure per env and metric, every metric's rows in the CSV, one table each
+    out = subprocess.run([sys.executable, REPORT, str(tmp_path / "sweeps" / "c-tiny"), "--metric",
+                          "charts/episodic_return", "eval/return", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(tmp_path / "two")) == ["InvertedPendulum-v5__charts-episodic_return.png",
+                                                    "InvertedPendulum-v5__eval-return.png", "curves.csv", "table.md"]
+    with open(tmp_path / "two" / "curves.csv") as f:
+        assert {r["metric"] for r in csv.DictReader(f)} == {"charts/episodic_return", "eval/return"}
+    tables = [line for line in (tmp_path / "two" / "table.md").read_text().splitlines() if line.startswith("| run")]
+    assert len(tables) == 2 and "`eval/return`" in tables[1]
 
     def again_without_cartpole(*flags: str) -> subprocess.CompletedProcess:
         return sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5", *flags)
