@@ -399,10 +399,9 @@ def sample_trajectories(policy: GaussianMLPPolicy, params: dict[str, torch.Tenso
     for _ in range(horizon):
         obs_t = torch.as_tensor(obs, device=device).view(n_tasks, num_trajectories, -1)
         mean, log_std = policy_forward(policy, params, obs_t)
+        action = mean
         if not greedy:
             action = mean + log_std.exp().unsqueeze(1) * torch.randn(mean.shape, generator=generator, device=device)
-        else:
-            action = mean
         obs, reward = tasks.step(action.view(n_tasks * num_trajectories, -1).cpu().numpy())
         observations.append(obs_t)
         actions.append(action)
