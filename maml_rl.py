@@ -35,11 +35,13 @@ Where this script differs from the original code and why:
   - gymnasium v5 MuJoCo envs with the task reward computed from their `info` (x velocity from positions), and
     their observations (v5 excludes the x position; rllab's added the torso's centre of mass). Ant never
     terminates (terminate_when_unhealthy=False), so every trajectory has the same length and all slots run
-    in lockstep (rllab's ant ended an episode when the torso left z in [0.2, 1]); its other reward terms use
+    in lockstep with fewer masked steps (rllab's ant ended an episode when the torso left z in [0.2, 1]);
+    its other reward terms use
     rllab's constants (see `ANT_KWARGS`). Initial states use gymnasium's reset noise (uniform +-0.1 on the
     joint positions), not rllab's.
-  - navigation2d never stops at the goal (rllab's point env ended an episode within 0.01 of it), for the same
-    lockstep reason; a point at the goal collects ~0 reward, so returns differ by little.
+  - A trajectory that ends early (navigation2d within 0.01 of its goal, as rllab's point env) keeps its env
+    slot until the batch's last step, masked out of every loss, mean and count; rllab filled a batch of
+    4000 steps with as many trajectories as fit, we sample fast_batch_size trajectories per task.
   - Hessian-vector products of the KL are exact (double back-propagation through the adaptation step);
     rllab's optimiser used finite differences of gradients.
   - `meta/return_step_k` are returns of the sampled (stochastic) trajectories, as the paper's; `eval/return`
@@ -93,10 +95,11 @@ class Args:
     """path of a maml_rl.pt checkpoint to continue from (its flags are kept, except run-control ones)"""
     task: str = "HalfCheetahVel"
     """task family: navigation2d, HalfCheetahVel, HalfCheetahDir, AntVel, AntDir"""
+    meta_iterations: Optional[int] = None
+    """meta-iterations of training (default per task family: the original's, navigation2d 100, MuJoCo 800)"""
     total_timesteps: Optional[int] = None
-    """env steps of meta-training (default per task family: the original's meta-iterations at its batch sizes,
-    16M for navigation2d, 256M for MuJoCo); a meta-iteration takes meta_batch_size x fast_batch_size x horizon x
-    (num_inner_steps + 1) steps"""
+    """if given, train until this many env steps were taken instead of for meta_iterations (a meta-iteration
+    takes up to meta_batch_size x fast_batch_size x horizon x (num_inner_steps + 1) steps)"""
     eval_tasks: int = 40
     """held-out tasks of each meta-test"""
     eval_every: int = 10
@@ -144,16 +147,13 @@ class Args:
     """line search: most step sizes tried before the update is rejected"""
 
 
-RUN_CONTROL_FIELDS = ("resume", "total_timesteps", "device", "track", "wandb_project_name", "wandb_entity",
-                      "capture_video", "save_model", "checkpoint_every", "eval_every")
+RUN_CONTROL_FIELDS = ("resume", "meta_iterations", "total_timesteps", "device", "track", "wandb_project_name",
+                      "wandb_entity", "capture_video", "save_model", "checkpoint_every", "eval_every")
 """Flags a resumed run takes from the command line; every other flag comes from the checkpoint."""
 
-STEPS_PER_ITERATION_PAPER = 40 * 20 * 2  # trajectories of one meta-iteration at the paper's size
-MUJOCO_DEFAULTS = dict(horizon=200, inner_lr=0.1, total_timesteps=800 * STEPS_PER_ITERATION_PAPER * 200,
-                       eval_trajectories=20)
+MUJOCO_DEFAULTS = dict(horizon=200, inner_lr=0.1, meta_iterations=800, eval_trajectories=20)
 TASK_DEFAULTS = {  # horizon, inner step size, meta-iterations and test batch of the original code's scripts
-    "navigation2d": dict(horizon=100, inner_lr=0.5, total_timesteps=100 * STEPS_PER_ITERATION_PAPER * 100,
-                         eval_trajectories=40),
+    "navigation2d": dict(horizon=100, inner_lr=0.5, meta_iterations=100, eval_trajectories=40),
     "HalfCheetahVel": MUJOCO_DEFAULTS, "HalfCheetahDir": MUJOCO_DEFAULTS, "AntVel": MUJOCO_DEFAULTS,
     "AntDir": MUJOCO_DEFAULTS,
 }
@@ -175,13 +175,16 @@ def with_task_defaults(args: Args) -> Args:
             raise ConfigError(f"--task {args.task} is a single environment, not a task family (a distribution "
                               f"over tasks); use one of {', '.join(TASK_DEFAULTS)}")
         raise ConfigError(f"unknown --task {args.task}; use one of {', '.join(TASK_DEFAULTS)}")
-    return replace(args, **{k: v for k, v in TASK_DEFAULTS[args.task].items() if getattr(args, k) is None})
+    defaults = dict(TASK_DEFAULTS[args.task])
+    if args.total_timesteps is not None:  # the env-step budget replaces the meta-iterations
+        defaults.pop("meta_iterations")
+    return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 
 def check_args(args: Args) -> None:
-    for name in ["total_timesteps", "meta_batch_size", "fast_batch_size", "horizon", "num_inner_steps",
-                 "eval_trajectories", "cg_iters", "ls_max_steps", "checkpoint_every", "eval_every"]:
-        if getattr(args, name) < 1:
+    for name in ["meta_iterations", "total_timesteps", "meta_batch_size", "fast_batch_size", "horizon",
+                 "num_inner_steps", "eval_trajectories", "cg_iters", "ls_max_steps", "checkpoint_every", "eval_every"]:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ["inner_lr", "max_kl", "init_std", "baseline_reg"]:
         if not getattr(args, name) > 0:
@@ -221,7 +224,8 @@ def to_bounds(actions: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
 
 class Navigation2D:
     """Point robot from (0, 0) to an unseen goal ~ U[-0.5, 0.5]^2 (MAML's 2D navigation): the action is a
-    velocity clipped to [-0.1, 0.1]^2, the observation the position, the reward -||position - goal||."""
+    velocity clipped to [-0.1, 0.1]^2, the observation the position, the reward -||position - goal||; the
+    trajectory ends when both coordinates are within 0.01 of the goal."""
 
     def __init__(self, num_envs: int):
         self.num_envs, self.obs_dim = num_envs, 2
@@ -237,10 +241,11 @@ class Navigation2D:
         self.position = np.zeros((self.num_envs, 2), dtype=np.float32)
         return self.position.copy()
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.position = self.position + to_bounds(actions, self.action_space)
         rewards = -np.linalg.norm(self.position - self.goals, axis=-1)
-        return self.position.copy(), rewards.astype(np.float32)
+        terminated = (np.abs(self.position - self.goals) < 0.01).all(-1)
+        return self.position.copy(), rewards.astype(np.float32), terminated
 
 
 class MujocoTasks:
@@ -266,12 +271,12 @@ class MujocoTasks:
     def reset(self, seed: Optional[list[int]] = None) -> np.ndarray:
         return self.envs.reset(seed=seed)[0].astype(np.float32)
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         actions = to_bounds(actions, self.action_space)
-        obs, _, _, _, info = self.envs.step(actions)
+        obs, _, terminated, _, info = self.envs.step(actions)  # never terminated: see the module docstring
         if self.frames is not None:
             self.frames.append(self.envs.render()[0])
-        return obs.astype(np.float32), self.task_reward(info, actions).astype(np.float32)
+        return obs.astype(np.float32), self.task_reward(info, actions).astype(np.float32), terminated
 
 
 class HalfCheetahVel(MujocoTasks):
@@ -390,25 +395,30 @@ def sample_trajectories(policy: GaussianMLPPolicy, params: dict[str, torch.Tenso
                         env_seeds: Optional[list[int]] = None, greedy: bool = False,
                         generator: Optional[torch.Generator] = None) -> dict:
     """num_trajectories trajectories of each task i with the parameters params[name][i]. Returns obs,
-    actions [T, N, H, ...], rewards [T, N, H], and the sampling policy's log-probs and means (for the
-    importance ratio and the KL of the meta-update). Action noise from `generator` (default: torch's)."""
+    actions [T, N, H, ...], rewards [T, N, H], masks [T, N, H] (1 up to and including a trajectory's last
+    step; a slot whose trajectory ended keeps stepping, unseen), and the sampling policy's log-probs and
+    means (for the importance ratio and the KL of the meta-update). Action noise from `generator`."""
     n_tasks = len(task_params)
     tasks.set_tasks(np.repeat(task_params, num_trajectories, axis=0))
     obs = tasks.reset(seed=env_seeds)
-    observations, actions, rewards, means = [], [], [], []
+    alive = np.ones(n_tasks * num_trajectories, dtype=bool)
+    observations, actions, rewards, means, masks = [], [], [], [], []
     for _ in range(horizon):
         obs_t = torch.as_tensor(obs, device=device).view(n_tasks, num_trajectories, -1)
         mean, log_std = policy_forward(policy, params, obs_t)
         action = mean
         if not greedy:
             action = mean + log_std.exp().unsqueeze(1) * torch.randn(mean.shape, generator=generator, device=device)
-        obs, reward = tasks.step(action.view(n_tasks * num_trajectories, -1).cpu().numpy())
+        obs, reward, terminated = tasks.step(action.view(n_tasks * num_trajectories, -1).cpu().numpy())
         observations.append(obs_t)
         actions.append(action)
         means.append(mean)
-        rewards.append(torch.as_tensor(reward, device=device).view(n_tasks, num_trajectories))
+        masks.append(torch.as_tensor(alive, dtype=torch.float32, device=device).view(n_tasks, num_trajectories))
+        rewards.append(torch.as_tensor(reward, device=device).view(n_tasks, num_trajectories) * masks[-1])
+        alive = alive & ~terminated
     batch = {"obs": torch.stack(observations, 2), "actions": torch.stack(actions, 2),
-             "rewards": torch.stack(rewards, 2), "means": torch.stack(means, 2), "log_std": log_std}
+             "rewards": torch.stack(rewards, 2), "masks": torch.stack(masks, 2), "means": torch.stack(means, 2),
+             "log_std": log_std}
     batch["log_probs"] = gaussian_log_prob(batch["means"].flatten(1, 2), log_std,
                                            batch["actions"].flatten(1, 2)).view_as(batch["rewards"])
     return batch
@@ -424,9 +434,13 @@ def baseline_features(obs: torch.Tensor) -> torch.Tensor:
     return torch.cat([o, o.square(), t, t.square(), t.pow(3), torch.ones_like(t)], -1)
 
 
-def fit_linear_baseline(features: torch.Tensor, targets: torch.Tensor, reg: float) -> torch.Tensor:
-    """Per task, ridge least squares w = (X^T X + reg I)^-1 X^T y over all its steps; features [T, ..., F],
-    targets [T, ...] -> w [T, F]. As rllab, the ridge grows tenfold while the solution is not finite."""
+def fit_linear_baseline(features: torch.Tensor, targets: torch.Tensor, reg: float,
+                        masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per task, ridge least squares w = (X^T X + reg I)^-1 X^T y over its (unmasked) steps; features
+    [T, ..., F], targets and masks [T, ...] -> w [T, F]. As rllab, the ridge grows tenfold while the solution
+    is not finite."""
+    if masks is not None:  # a masked step adds a zero row, which changes nothing
+        features, targets = features * masks.unsqueeze(-1), targets * masks
     x = features.flatten(1, -2).double()
     y = targets.flatten(1).double()
     gram, rhs = x.transpose(1, 2) @ x, (x.transpose(1, 2) @ y.unsqueeze(-1))
@@ -451,28 +465,35 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     return returns
 
 
+def masked_mean(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per task, the mean of x [T, ...] over the steps where masks [T, ...] is 1 -> [T]."""
+    return (x * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp_min(1)
+
+
 def compute_advantages(batch: dict, gamma: float, lam: float, reg: float) -> torch.Tensor:
     """GAE with the linear feature baseline fitted to this task's returns, normalised per task to mean 0,
-    std 1 (rllab's center_adv, population std). rewards [T, N, H] -> advantages [T, N, H]."""
+    std 1 over its steps (rllab's center_adv, population std). rewards, masks [T, N, H] -> advantages [T, N, H],
+    0 on masked steps."""
+    masks = batch["masks"]
     features = baseline_features(batch["obs"])
-    weights = fit_linear_baseline(features, discounted_returns(batch["rewards"], gamma), reg)
-    values = (features @ weights[:, None, :, None])[..., 0]  # [T, N, H]
-    next_values = torch.cat([values[..., 1:], torch.zeros_like(values[..., :1])], -1)  # the trajectory ends at H
-    deltas = batch["rewards"] + gamma * next_values - values
+    weights = fit_linear_baseline(features, discounted_returns(batch["rewards"], gamma), reg, masks)
+    values = (features @ weights[:, None, :, None])[..., 0] * masks  # [T, N, H]; V = 0 once a trajectory ended
+    next_values = torch.cat([values[..., 1:], torch.zeros_like(values[..., :1])], -1)  # and after the horizon
+    deltas = (batch["rewards"] + gamma * next_values - values) * masks
     advantages = discounted_returns(deltas, gamma * lam)
-    flat = advantages.flatten(1)
-    mean, std = flat.mean(1), flat.std(1, unbiased=False)
-    return (advantages - mean[:, None, None]) / (std[:, None, None] + 1e-8)
+    mean = masked_mean(advantages, masks)[:, None, None]
+    std = masked_mean((advantages - mean).square(), masks).sqrt()[:, None, None]
+    return (advantages - mean) / (std + 1e-8) * masks
 
 
 # ----------------------------------------------------------------------------------------------------
 # The inner loop (adaptation) and the post-adaptation objective of the meta-update
 # ----------------------------------------------------------------------------------------------------
 def inner_loss(policy: GaussianMLPPolicy, params: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
-    """Vanilla policy gradient surrogate of each task, L_Ti = -mean_t log pi(a_t | s_t) A_t -> [T]."""
+    """Vanilla policy gradient surrogate of each task, L_Ti = -mean_t log pi(a_t | s_t) A_t over its steps -> [T]."""
     mean, log_std = policy_forward(policy, params, batch["obs"].flatten(1, 2))
     log_probs = gaussian_log_prob(mean, log_std, batch["actions"].flatten(1, 2))
-    return -(log_probs * batch["advantages"].flatten(1)).mean(1)
+    return -masked_mean(log_probs * batch["advantages"].flatten(1), batch["masks"].flatten(1))
 
 
 def inner_adapt(policy: GaussianMLPPolicy, params: dict[str, torch.Tensor], batch: dict, inner_lr: float,
@@ -507,10 +528,12 @@ def meta_objective(policy: GaussianMLPPolicy, inner_batches: list[dict], outer_b
     the mean KL(pi_old_i || pi_theta'_i) on the post-adaptation trajectories (pi_old_i sampled them)."""
     params = adapted_params(policy, inner_batches, args, differentiable)
     obs, actions = outer_batch["obs"].flatten(1, 2), outer_batch["actions"].flatten(1, 2)
+    masks = outer_batch["masks"].flatten(1)
     mean, log_std = policy_forward(policy, params, obs)
     ratio = torch.exp(gaussian_log_prob(mean, log_std, actions) - outer_batch["log_probs"].flatten(1))
-    surrogate = -(ratio * outer_batch["advantages"].flatten(1)).mean()
-    kl = gaussian_kl(outer_batch["means"].flatten(1, 2), outer_batch["log_std"], mean, log_std).mean()
+    surrogate = -masked_mean(ratio * outer_batch["advantages"].flatten(1), masks).mean()
+    kl = masked_mean(gaussian_kl(outer_batch["means"].flatten(1, 2), outer_batch["log_std"], mean, log_std),
+                     masks).mean()
     return surrogate, kl
 
 
@@ -666,8 +689,8 @@ def load_checkpoint(path: str, args: Args) -> tuple[dict, Args]:
                           f"pass --task {ckpt['args']['task']}")
     saved = {f.name: ckpt["args"][f.name] for f in fields(Args) if f.name not in RUN_CONTROL_FIELDS}
     saved["hidden_sizes"] = tuple(saved["hidden_sizes"])
-    if args.total_timesteps is None:  # no new budget given: the run's own, not the task family's default
-        saved["total_timesteps"] = ckpt["args"]["total_timesteps"]
+    if args.total_timesteps is None and args.meta_iterations is None:  # no new budget: the run's own
+        saved.update(total_timesteps=ckpt["args"]["total_timesteps"], meta_iterations=ckpt["args"]["meta_iterations"])
     return ckpt, replace(args, **saved)
 
 
@@ -692,11 +715,12 @@ class Logger:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
-    def progress(self, step: int, total: int, sps: float, pre: float, post: float) -> None:
+    def progress(self, step: int, iteration: int, args: Args, sps: float, pre: float, post: float) -> None:
         if self.tty:
-            eta = (total - step) / max(sps, 1e-9)
-            print(f"\rstep {step}/{total}  SPS {sps:.0f}  return before/after adaptation {pre:.1f}/{post:.1f}  "
-                  f"ETA {eta / 60:.0f} min", end="", flush=True)
+            budget = (f"step {step}/{args.total_timesteps}" if args.total_timesteps
+                      else f"meta-iteration {iteration}/{args.meta_iterations}")
+            print(f"\r{budget}  step {step}  SPS {sps:.0f}  return before/after adaptation {pre:.1f}/{post:.1f}",
+                  end="", flush=True)
 
     def close(self) -> None:
         if self.tty:
@@ -782,7 +806,6 @@ def main(args: Args) -> dict:
     eval_task_params = tasks.sample_tasks(args.eval_tasks, np.random.default_rng(args.seed + 10_000))
 
     policy = GaussianMLPPolicy(tasks.obs_dim, tasks.action_space.shape[0], args.hidden_sizes, args.init_std).to(device)
-    steps_per_iteration = args.meta_batch_size * args.fast_batch_size * args.horizon * (args.num_inner_steps + 1)
     global_step, iteration, elapsed = 0, 0, 0.0
     if ckpt:
         policy.load_state_dict(ckpt["policy"])
@@ -807,14 +830,18 @@ def main(args: Args) -> dict:
 
     last_checkpoint_step, eval_metrics, history = global_step, {}, []
     start = time.perf_counter()
-    while global_step < args.total_timesteps:
+    def done() -> bool:
+        return global_step >= args.total_timesteps if args.total_timesteps else iteration >= args.meta_iterations
+
+    while not done():
         t0 = time.perf_counter()
         task_params = tasks.sample_tasks(args.meta_batch_size, task_rng)
         inner_batches, outer_batch = sample_meta_batch(policy, tasks, task_params, args, device, task_rng)
         t1 = time.perf_counter()
         stats = trpo_meta_update(policy, inner_batches, outer_batch, args)
         t2 = time.perf_counter()
-        global_step += steps_per_iteration
+        steps = int(sum(batch["masks"].sum().item() for batch in [*inner_batches, outer_batch]))  # env steps taken
+        global_step += steps
         iteration += 1
         pre = inner_batches[0]["rewards"].sum(-1).mean().item()
         post = outer_batch["rewards"].sum(-1).mean().item()
@@ -825,13 +852,12 @@ def main(args: Args) -> dict:
                         "charts/episodic_return": post, "charts/episodic_length": args.horizon,
                         "charts/SPS": global_step / max(elapsed, 1e-9), "charts/meta_iteration": iteration,
                         "time/sampling_s": t1 - t0, "time/meta_update_s": t2 - t1,
-                        "time/sampling_sps": steps_per_iteration / max(t1 - t0, 1e-9), **stats}, global_step)
-        if args.eval_tasks and (iteration % args.eval_every == 0 or global_step >= args.total_timesteps):
+                        "time/sampling_sps": steps / max(t1 - t0, 1e-9), **stats}, global_step)
+        if args.eval_tasks and (iteration % args.eval_every == 0 or done()):
             eval_metrics = meta_test(policy, test_tasks, eval_task_params, args, device, greedy_tasks)
             logger.scalars(eval_metrics, global_step)
-        logger.progress(global_step, args.total_timesteps, global_step / max(elapsed, 1e-9), pre, post)
-        if args.save_model and (global_step - last_checkpoint_step >= args.checkpoint_every
-                                or global_step >= args.total_timesteps):
+        logger.progress(global_step, iteration, args, global_step / max(elapsed, 1e-9), pre, post)
+        if args.save_model and (global_step - last_checkpoint_step >= args.checkpoint_every or done()):
             checkpoint()
             last_checkpoint_step = global_step
     elapsed += time.perf_counter() - start

@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 
 def tiny(**overrides) -> maml.Args:
-    base = dict(task="navigation2d", total_timesteps=4 * 4 * 10 * 2 * 3, meta_batch_size=4, fast_batch_size=4,
+    base = dict(task="navigation2d", meta_iterations=3, meta_batch_size=4, fast_batch_size=4,
                 horizon=10, hidden_sizes=(8,), eval_tasks=3, eval_every=2, checkpoint_every=1, seed=3, device="cpu")
     return maml.Args(**{**base, **overrides})
 
@@ -27,6 +27,7 @@ def random_batch(rng: torch.Generator, tasks: int, trajectories: int, horizon: i
              "advantages": torch.randn(*shape, generator=rng, dtype=dtype),
              "log_probs": -1.0 - torch.rand(*shape, generator=rng, dtype=dtype),  # of some older policy
              "means": torch.randn(*shape, act_dim, generator=rng, dtype=dtype) * 0.1,
+             "masks": torch.ones(shape, dtype=dtype),
              "log_std": torch.zeros(tasks, act_dim, dtype=dtype)}
     batch["rewards"] = torch.zeros(shape, dtype=dtype)
     return batch
@@ -151,27 +152,37 @@ def test_linear_feature_baseline_recovers_a_linear_value_function():
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.0])
-def test_advantages_use_each_tasks_own_baseline_and_are_normalised_per_task(lam):
-    # by hand with numpy: per task, b = X w with w the ridge fit of X to the discounted returns G;
-    # lambda = 1: A = G - b (rllab), lambda = 0: A = r_t + gamma b_{t+1} - b_t (b = 0 after the last step);
-    # then A is normalised to mean 0, std 1 within each task
+@pytest.mark.parametrize("ended_early", [False, True])
+def test_advantages_use_each_tasks_own_baseline_and_are_normalised_per_task(lam, ended_early):
+    # by hand with numpy, trajectory by trajectory over its own length L: per task, b = X w with w the ridge
+    # fit of X to the discounted returns G over all its steps; lambda = 1: A = G - b (rllab), lambda = 0:
+    # A = r_t + gamma b_{t+1} - b_t (b = 0 after the last step); then A is normalised to mean 0, std 1 over the
+    # task's steps; steps after a trajectory's end (masked) get 0 and count nowhere
     rng = np.random.default_rng(4)
     obs, rewards, gamma = rng.normal(size=(2, 3, 5, 2)), rng.normal(size=(2, 3, 5)), 0.9
-    batch = {"obs": torch.tensor(obs), "rewards": torch.tensor(rewards)}
+    lengths = np.array([[5, 2, 4], [3, 5, 1]]) if ended_early else np.full((2, 3), 5)
+    masks = (np.arange(5) < lengths[..., None]).astype(float)
+    batch = {"obs": torch.tensor(obs), "rewards": torch.tensor(rewards * masks), "masks": torch.tensor(masks)}
     advantages = maml.compute_advantages(batch, gamma=gamma, lam=lam, reg=1e-5).numpy()
     for task in range(2):
-        t = np.broadcast_to(np.arange(5)[None, :, None] / 100, (3, 5, 1))
-        x = np.concatenate([obs[task], obs[task] ** 2, t, t ** 2, t ** 3, np.ones_like(t)], -1).reshape(15, 8)
-        returns = np.array([[sum(gamma ** k * r[s + k] for k in range(5 - s)) for s in range(5)]
-                            for r in rewards[task]])
-        w = np.linalg.solve(x.T @ x + 1e-5 * np.eye(8), x.T @ returns.reshape(15))
-        b = (x @ w).reshape(3, 5)
-        if lam == 1.0:
-            expected = returns - b
-        else:
-            expected = rewards[task] + gamma * np.concatenate([b[:, 1:], np.zeros((3, 1))], 1) - b
-        expected = (expected - expected.mean()) / (expected.std() + 1e-8)  # population std, as rllab
-        np.testing.assert_allclose(advantages[task], expected, rtol=1e-6, atol=1e-8)
+        rows, returns, trajectories = [], [], []
+        for n, length in enumerate(lengths[task]):
+            o, r, t = obs[task, n, :length], rewards[task, n, :length], np.arange(length)[:, None] / 100
+            rows.append(np.concatenate([o, o ** 2, t, t ** 2, t ** 3, np.ones_like(t)], -1))
+            returns.append([sum(gamma ** k * r[s + k] for k in range(length - s)) for s in range(length)])
+        x, y = np.concatenate(rows), np.concatenate(returns)
+        w = np.linalg.solve(x.T @ x + 1e-5 * np.eye(8), x.T @ y)
+        for n, length in enumerate(lengths[task]):
+            b = rows[n] @ w
+            if lam == 1.0:
+                trajectories.append(np.array(returns[n]) - b)
+            else:
+                trajectories.append(rewards[task, n, :length] + gamma * np.append(b[1:], 0.0) - b)
+        flat = np.concatenate(trajectories)
+        for n, length in enumerate(lengths[task]):
+            expected = (trajectories[n] - flat.mean()) / (flat.std() + 1e-8)  # population std, as rllab
+            np.testing.assert_allclose(advantages[task, n, :length], expected, rtol=1e-6, atol=1e-8)
+            assert not advantages[task, n, length:].any()
 
 
 def test_conjugate_gradient_solves_a_known_spd_system():
@@ -264,9 +275,10 @@ def test_full_step_meets_the_quadratic_trust_region_and_a_rejected_update_restor
 # ----------------------------------------------------------------------------------------------------
 # Sampling and tasks
 # ----------------------------------------------------------------------------------------------------
-def test_each_task_samples_with_its_own_parameters():
+def test_each_task_samples_with_its_own_parameters_and_a_trajectory_ends_at_the_goal():
     # two tasks x three trajectories; task 0's policy says (+1, +1), task 1's (-1, -1) in [-1, 1] units: with
-    # the mean action the point moves by 0.1 per step along the diagonal of its task
+    # the mean action the point moves by 0.1 per step along the diagonal of its task; task 0's goal (0.3, 0.3)
+    # is reached at the third step, which ends its trajectories there
     args = maml.with_task_defaults(tiny())
     tasks = maml.make_tasks(args, 6)
     policy = maml.GaussianMLPPolicy(2, 2, (4,), 1.0)
@@ -280,7 +292,9 @@ def test_each_task_samples_with_its_own_parameters():
     torch.testing.assert_close(batch["obs"][1, 0], -steps.expand(5, 2))
     after = torch.tensor([1.0, -1.0])[:, None, None, None] * (steps + 0.1)  # the position after step t
     distance = (after.expand(2, 3, 5, 2) - torch.tensor(goals, dtype=torch.float32)[:, None, None]).norm(dim=-1)
-    torch.testing.assert_close(batch["rewards"], -distance)
+    masks = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])[:, None].expand(2, 3, 5)
+    torch.testing.assert_close(batch["masks"], masks)
+    torch.testing.assert_close(batch["rewards"], -distance * masks)
 
 
 @pytest.mark.parametrize("family", ["HalfCheetahVel", "HalfCheetahDir", "AntVel", "AntDir"])
@@ -298,7 +312,8 @@ def test_mujoco_task_reward_uses_the_velocity_from_positions(family):
     for _ in range(3):
         x_before = x()
         actions = rng.uniform(-1.5, 1.5, (2, tasks.action_space.shape[0]))  # beyond the bounds: clipped
-        _, rewards = tasks.step(actions)
+        _, rewards, terminated = tasks.step(actions)
+        assert not terminated.any()  # Ant included: it never terminates
         velocity = (x() - x_before) / envs[0].dt
         control = np.square(np.clip(actions, -1, 1)).sum(-1)
         forward = -np.abs(velocity - task) if family.endswith("Vel") else task * velocity
@@ -342,20 +357,23 @@ def test_meta_test_adapts_with_alpha_then_half_alpha_on_fresh_trajectories(monke
 def test_smoke_run_writes_logs_checkpoint_and_resume_equals_an_uninterrupted_run(in_tmp):
     straight = maml.main(tiny())
     events = run_events(straight["run_dir"], "maml_rl")
-    assert straight["global_step"] == 960 and straight["iterations"] == 3  # 4 tasks x 4 x 10 steps x 2
+    assert straight["iterations"] == 3 and 0 < straight["global_step"] <= 960  # <= 4 tasks x 4 x 10 steps x 2 x 3
     assert {"meta/pre_adapt_return", "meta/post_adapt_return", "charts/SPS", "losses/kl", "losses/surrogate_after",
             "meta/return_step_0", "meta/return_step_3", "eval/return", "time/sampling_s",
             "time/meta_update_s"} <= set(events.Tags()["scalars"])
-    first = maml.main(tiny(total_timesteps=320))
+    first = maml.main(tiny(meta_iterations=1))
     checkpoint = os.path.join(first["run_dir"], "maml_rl.pt")
-    assert maml.main(tiny(total_timesteps=None, resume=checkpoint))["global_step"] == 320  # its own budget
-    resumed = maml.main(tiny(total_timesteps=960, resume=checkpoint))
+    assert maml.main(tiny(meta_iterations=None, resume=checkpoint))["iterations"] == 1  # its own budget
+    resumed = maml.main(tiny(meta_iterations=3, resume=checkpoint))
     assert os.path.samefile(resumed["run_dir"], first["run_dir"]) and resumed["iterations"] == 3
     assert resumed["history"] == straight["history"][1:]
     assert resumed["meta/return_step_1"] == straight["meta/return_step_1"]
     events = run_events(resumed["run_dir"], "maml_rl")  # one curve: no step lost or doubled at the resume
-    assert [e.step for e in events.Scalars("meta/post_adapt_return")] == [320, 640, 960]
-    assert [e.step for e in events.Scalars("meta/return_step_0")] == [320, 640, 960]  # 320: the first run's end
+    steps = [h["step"] for h in straight["history"]]
+    assert [e.step for e in events.Scalars("meta/post_adapt_return")] == steps
+    assert [e.step for e in events.Scalars("meta/return_step_0")] == steps  # steps[0]: the first run's end
+    # an env-step budget instead of meta-iterations
+    assert maml.main(tiny(meta_iterations=None, total_timesteps=steps[1]))["iterations"] == 2
     assert maml.main(tiny(seed=4))["history"] != straight["history"]
 
 
@@ -372,7 +390,7 @@ def test_every_mujoco_task_family_runs(in_tmp, task):
     (dict(eval_tasks=0), {"meta/post_adapt_return"}, {"meta/return_step_0", "eval/return"}),
 ])
 def test_other_inner_steps_and_meta_test_settings_run(in_tmp, overrides, logged, absent):
-    result = maml.main(tiny(total_timesteps=1, **overrides))
+    result = maml.main(tiny(meta_iterations=1, **overrides))
     tags = set(run_events(result["run_dir"], "maml_rl").Tags()["scalars"])
     assert logged <= tags and not absent & tags
     assert result["global_step"] == 4 * 4 * 10 * (overrides.get("num_inner_steps", 1) + 1)
@@ -385,6 +403,7 @@ def test_other_inner_steps_and_meta_test_settings_run(in_tmp, overrides, logged,
     (dict(inner_lr=0.0), "--inner-lr must be > 0, got 0.0"),
     (dict(inner_lr=-0.1), "--inner-lr must be > 0"),
     (dict(meta_batch_size=0), "--meta-batch-size must be at least 1, got 0"),
+    (dict(meta_iterations=0), "--meta-iterations must be at least 1, got 0"),
     (dict(ls_backtrack_ratio=1.0), "--ls-backtrack-ratio must be in"),
     (dict(hidden_sizes=()), "--hidden-sizes needs at least one layer"),
     (dict(baseline_reg=0.0), "--baseline-reg must be > 0"),
@@ -404,7 +423,7 @@ def test_checkpoints_of_other_scripts_or_tasks_are_refused(in_tmp):
     torch.save({"script": "maml_rl", "args": {"task": "navigation2d"}}, "old.pt")
     with pytest.raises(maml.ConfigError, match="old.pt lacks policy, global_step"):
         maml.main(tiny(resume="old.pt"))
-    run_dir = maml.main(tiny(total_timesteps=320))["run_dir"]
+    run_dir = maml.main(tiny(meta_iterations=1))["run_dir"]
     with pytest.raises(maml.ConfigError, match="is a run on --task navigation2d"):
         maml.main(tiny(task="HalfCheetahVel", resume=os.path.join(run_dir, "maml_rl.pt")))
 
@@ -422,7 +441,7 @@ def test_capture_video_records_the_policy_before_and_after_adaptation(in_tmp):
 @pytest.mark.slow
 def test_navigation_one_step_adapts_the_meta_learned_policy_better_than_a_random_one(in_tmp):
     # a smaller navigation2d than the paper's (20 tasks x 10 trajectories, 32 x 32 policy, 15 meta-iterations)
-    args = tiny(total_timesteps=20 * 10 * 100 * 2 * 15, meta_batch_size=20, fast_batch_size=10, horizon=None,
+    args = tiny(meta_iterations=15, meta_batch_size=20, fast_batch_size=10, horizon=None,
                 hidden_sizes=(32, 32), eval_tasks=40, eval_every=1000, save_model=False, seed=1)
     result = maml.main(args)
     full = maml.with_task_defaults(args)
