@@ -28,7 +28,7 @@ Headline benchmark (HalfCheetahVel, 40 tasks x 20 trajectories x 200 steps, twic
 env steps):  python maml_rl.py
 Small CPU configuration (about a minute on 2 cores; docs/maml_rl.md):
   python maml_rl.py --task navigation2d --meta-batch-size 20 --fast-batch-size 10 --hidden-sizes 32 32 \
-      --total-timesteps 1200000
+      --meta-iterations 30
 The paper's navigation2d (python maml_rl.py --task navigation2d) takes ~25 min on 2 CPU cores.
 
 Where this script differs from the original code and why:
