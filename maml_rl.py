@@ -34,10 +34,9 @@ The paper's navigation2d (python maml_rl.py --task navigation2d) takes ~25 min o
 Where this script differs from the original code and why:
   - gymnasium v5 MuJoCo envs with the task reward computed from their `info` (x velocity from positions), and
     their observations (v5 excludes the x position; rllab's added the torso's centre of mass). Ant never
-    terminates (terminate_when_unhealthy=False), so every trajectory has the same length and all slots run
-    in lockstep with fewer masked steps (rllab's ant ended an episode when the torso left z in [0.2, 1]);
-    its other reward terms use
-    rllab's constants (see `ANT_KWARGS`). Initial states use gymnasium's reset noise (uniform +-0.1 on the
+    terminates (terminate_when_unhealthy=False), so every Ant trajectory lasts the full horizon (rllab's ant
+    ended an episode when the torso left z in [0.2, 1]); its other reward terms use rllab's constants (see
+    `ANT_KWARGS`). Initial states use gymnasium's reset noise (uniform +-0.1 on the
     joint positions), not rllab's.
   - A trajectory that ends early (navigation2d within 0.01 of its goal, as rllab's point env) keeps its env
     slot until the batch's last step, masked out of every loss, mean and count; rllab filled a batch of
