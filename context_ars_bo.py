@@ -47,7 +47,6 @@ Where this script differs from the official code and why:
   - The + and - perturbation of a direction share their env reset seed (common random numbers).
 """
 
-import copy
 import importlib.util
 import json
 import math
@@ -415,9 +414,8 @@ class RolloutWorker:
         self.envs, self.variations = [], []
 
     def _grow(self, n: int) -> None:
-        # the XML is compiled once and the env copied (own MjModel and MjData per copy)
-        while len(self.envs) < n:
-            env = (self.first if not self.envs else copy.deepcopy(self.first)).unwrapped
+        while len(self.envs) < n:  # one env (own MjModel and MjData) per episode of a batch, kept for the next
+            env = (self.first if not self.envs else gym.make(self.first.spec.id)).unwrapped
             self.envs.append(env)
             self.variations.append(DynamicsVariation(env.model, self.params))
 
@@ -520,9 +518,14 @@ class Rollouts:
 
     def close(self) -> None:
         for pipe in self.pipes:
-            pipe.send(None)
+            try:
+                pipe.send(None)
+            except (BrokenPipeError, OSError):  # a worker that already died
+                pass
         for process in self.processes:
             process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -254,8 +254,7 @@ class MujocoTasks:
 
     def __init__(self, num_envs: int, horizon: int, render: bool = False):
         self.num_envs, self.frames = num_envs, [] if render else None
-        # the XML is compiled once and the env copied: compiling it per slot costs as much and prints MuJoCo's
-        # deprecation warnings hundreds of times
+        # one env per slot, copies of the first (gymnasium re-builds a copied MuJoCo env from its arguments)
         first = gym.make(self.env_id, max_episode_steps=horizon, render_mode="rgb_array" if render else None,
                          **self.env_kwargs)
         # all slots reset together, so the vector env never auto-resets

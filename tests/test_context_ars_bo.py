@@ -185,7 +185,7 @@ def test_a_weaker_motor_changes_what_the_same_actions_do():
     finals = []
     for strength in [1.0, 0.4]:
         env = gym.make("Hopper-v5")
-        mso.DynamicsVariation(env.unwrapped.model, mso.parse_params((f"strength=0:2",), env.unwrapped.model)).set(
+        mso.DynamicsVariation(env.unwrapped.model, mso.parse_params(("strength=0:2",), env.unwrapped.model)).set(
             np.array([strength]))
         env.reset(seed=0)
         for _ in range(10):
