@@ -25,10 +25,11 @@ candidates, the best observed mu returned; at test time 3 episodes per evaluatio
 the chosen mu (`eval/return`).
 
 Headline benchmark (Hopper-v5, MSO; ~5e8 env steps at the original's 1000 iterations):  python context_ars_bo.py
-Small CPU configuration (a few minutes on 2 cores; docs/context_ars_bo.md):
-  python context_ars_bo.py --env-id InvertedPendulum-v5 --params strength=-1:1 --iterations 30 \
-      --num-directions 8 --top-directions 4 --step-size 0.02 --noise 0.03 --train-tasks 4 --resample-every 10 \
-      --max-episode-steps 200 --num-workers 2
+Small CPU configuration (InvertedPendulum with a motor of unknown sign: the latent must carry the sign; a few
+minutes on 2 cores; docs/context_ars_bo.md):
+  python context_ars_bo.py --env-id InvertedPendulum-v5 --params strength=-1:1 --iterations 150 \
+      --num-directions 8 --top-directions 4 --step-size 0.02 --noise 0.03 --train-tasks 4 --resample-every 5 \
+      --max-episode-steps 100 --test-tasks-outside 0 --num-workers 2
 
 Where this script differs from the official code and why:
   - gymnasium v5 MuJoCo envs (the official trained on DART and tested on MuJoCo); their own reward and
@@ -457,7 +458,7 @@ class RolloutWorker:
                     rows = live
                     layers = unflatten_layers(flat[policy_index[rows]], self.shapes)
         for variation in self.variations[:n]:
-            variation.restore(recompute=False)
+            variation.restore()
         return {"returns": returns, "lengths": lengths, "count": count, "sum": total, "sum_sq": total_sq}
 
 

@@ -194,6 +194,16 @@ def test_a_weaker_motor_changes_what_the_same_actions_do():
     assert np.abs(finals[0] - finals[1]).max() > 0.1
 
 
+@pytest.mark.parametrize("env_id", sorted(mso.DYNAMICS_DEFAULTS))
+def test_every_default_parameter_set_fits_its_model(env_id):
+    model = gym.make(env_id).unwrapped.model
+    params = mso.parse_params(mso.DYNAMICS_DEFAULTS[env_id], model)
+    variation = mso.DynamicsVariation(model, params)
+    variation.set(np.array([p.low for p in params]))
+    assert model.body_mass[model.body("torso").id] == params[1].low and np.all(model.geom_friction[:, 0] == 0.2)
+    variation.restore()
+
+
 def test_outside_test_dynamics_leave_their_range_by_ten_to_thirty_percent():
     params = mso.parse_params(mso.DYNAMICS_DEFAULTS["Hopper-v5"], gym.make("Hopper-v5").unwrapped.model)
     low, high = np.array([p.low for p in params]), np.array([p.high for p in params])
@@ -319,3 +329,20 @@ def test_hopper_defaults_run(in_tmp):
 def test_capture_video_records_the_adapted_policy(in_tmp):
     run_dir = mso.main(tiny(iterations=1, capture_video=True))["run_dir"]
     assert os.listdir(os.path.join(run_dir, "videos")) == ["test_dynamics_0.mp4"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bo_adaptation_beats_a_random_latent_on_a_motor_of_unknown_sign(in_tmp):
+    """InvertedPendulum whose motor strength is drawn from [-1, 1]: no single reactive policy balances both
+    signs, so the latent has to carry the sign. After training, BO's chosen mu is run on fresh episodes of 8
+    held-out dynamics next to a random mu for the same policy and dynamics (100 = balanced throughout)."""
+    result = mso.main(mso.Args(env_id="InvertedPendulum-v5", params=("strength=-1:1",), iterations=150,
+                               num_directions=8, top_directions=4, step_size=0.02, noise=0.03, train_tasks=4,
+                               resample_every=5, max_episode_steps=100, eval_every=150, test_tasks=8,
+                               test_tasks_outside=0, num_workers=2, save_model=False, seed=1, device="cpu"))
+    adapted, random_latent = result["eval/return"], result["eval/random_latent_return"]
+    print(f"adapted mu {adapted:.1f}, random mu {random_latent:.1f}")
+    assert adapted > random_latent + 25 and adapted > 70
