@@ -25,9 +25,9 @@ rollout (ARS V2), 1000 iterations, episodes of 1000 steps; 8 tasks re-sampled ev
 candidates, the best observed mu returned; at test time 3 episodes per evaluation, then 5 fresh episodes of
 the chosen mu (`eval/return`).
 
-Headline benchmark (Hopper-v5, MSO; ~5e8 env steps at the original's 1000 iterations):  python context_ars_bo.py
+Headline benchmark (Hopper-v5, MSO; up to 5e8 env steps in the original's 1000 iterations):  python context_ars_bo.py
 Small CPU configuration (InvertedPendulum with a motor of unknown sign: the latent must carry the sign; a few
-minutes on 2 cores; docs/context_ars_bo.md):
+minutes on 2 cores; some seeds stay with a policy that masters one sign and ignores mu, docs/context_ars_bo.md):
   python context_ars_bo.py --env-id InvertedPendulum-v5 --params strength=-1:1 --iterations 150 \
       --num-directions 8 --top-directions 4 --step-size 0.02 --noise 0.03 --train-tasks 4 --resample-every 5 \
       --max-episode-steps 100 --test-tasks-outside 0 --num-workers 2
@@ -44,10 +44,11 @@ Where this script differs from the official code and why:
     `test_tasks_outside` with one parameter pushed beyond its range by 10-30 % of its width (e.g. a weaker
     motor).
   - The GP is written here: a Matern-5/2 kernel (the official used sklearn's default Matern, nu = 3/2) times
-    a fitted signal variance, plus fitted white noise, targets standardised; the hyper-parameters maximise the marginal
-    likelihood over a grid of lengthscales and noise ratios with the signal variance in closed form (one
-    batched Cholesky for all tasks' GPs; sklearn ran L-BFGS from 10 starts).
-  - The + and - perturbation of a direction share their env reset seed (common random numbers).
+    a fitted signal variance, plus fitted white noise, targets standardised; the hyper-parameters maximise
+    the marginal likelihood over a grid of lengthscales and noise ratios with the signal variance in closed
+    form (one batched Cholesky for all tasks' GPs; sklearn ran L-BFGS from 10 starts).
+  - The + and - perturbation of a direction share their env reset seed (common random numbers); actions are
+    clipped to the env's bounds.
 """
 
 import importlib.util
