@@ -295,8 +295,12 @@ class DynamicsVariation:
             mujoco.mj_setConst(self.model, self.data)
 
 
+def bounds(params: list[DynamicsParameter]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([p.low for p in params]), np.array([p.high for p in params])
+
+
 def sample_dynamics(params: list[DynamicsParameter], n: int, rng: np.random.Generator) -> np.ndarray:
-    low, high = np.array([p.low for p in params]), np.array([p.high for p in params])
+    low, high = bounds(params)
     return rng.uniform(low, high, (n, len(params)))
 
 
@@ -315,7 +319,7 @@ def sample_outside_dynamics(params: list[DynamicsParameter], n: int, rng: np.ran
 
 def normalise_dynamics(params: list[DynamicsParameter], values: np.ndarray) -> np.ndarray:
     """The universal policy's input: each parameter mapped from [low, high] to [-1, 1]."""
-    low, high = np.array([p.low for p in params]), np.array([p.high for p in params])
+    low, high = bounds(params)
     return (2 * (values - low) / (high - low) - 1).astype(np.float32)
 
 
@@ -713,11 +717,12 @@ def ars_iteration(rollouts: Rollouts, theta: np.ndarray, dynamics: np.ndarray, l
         "env_steps": int(result["lengths"].sum())}
 
 
-def task_latents(method: str, params: list[DynamicsParameter], dynamics: np.ndarray, latent_dim: int) -> np.ndarray:
-    """The latent input of each task when it is not searched: none for dr, the true parameters for up."""
+def task_latents(method: str, params: list[DynamicsParameter], dynamics: np.ndarray) -> np.ndarray:
+    """The latent input of each task for the baselines (MSO searches its own): none for dr, the true
+    parameters for up."""
     if method == "up":
         return normalise_dynamics(params, dynamics)
-    return np.zeros((len(dynamics), 0 if method == "dr" else latent_dim), dtype=np.float32)
+    return np.zeros((len(dynamics), 0), dtype=np.float32)
 
 
 def evaluate_on_test_dynamics(rollouts: Rollouts, theta: np.ndarray, test_dynamics: np.ndarray,
@@ -741,7 +746,7 @@ def evaluate_on_test_dynamics(rollouts: Rollouts, theta: np.ndarray, test_dynami
                                             normaliser, np.random.default_rng(args.seed + 30_000))
         metrics["eval/random_latent_return"] = float(random_returns.mean())
     else:
-        latents = task_latents(args.method, params, test_dynamics, args.latent_dim)
+        latents = task_latents(args.method, params, test_dynamics)
     returns, _ = episode_returns(rollouts, theta, test_dynamics, latents, args.eval_episodes, normaliser,
                                  np.random.default_rng(args.seed + 30_000))
     metrics["eval/return"] = float(returns.mean())
@@ -956,7 +961,7 @@ def main(args: Args) -> dict:
                     stats["meta/strategy_search_return"] = float(values.max(1).mean())
                     stats["time/strategy_search_s"] = time.perf_counter() - t0
                 else:
-                    train_latents = task_latents(args.method, params, train_dynamics, latent_dim)
+                    train_latents = task_latents(args.method, params, train_dynamics)
             t1 = time.perf_counter()
             theta, ars_stats = ars_iteration(rollouts, theta, train_dynamics, train_latents, normaliser, args, rng)
             steps = ars_stats.pop("env_steps")
