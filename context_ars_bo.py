@@ -26,11 +26,11 @@ candidates, the best observed mu returned; at test time 3 episodes per evaluatio
 the chosen mu (`eval/return`).
 
 Headline benchmark (Hopper-v5, MSO; up to 5e8 env steps in the original's 1000 iterations):  python context_ars_bo.py
-Small CPU configuration (InvertedPendulum with a motor of unknown sign: the latent must carry the sign; a few
-minutes on 2 cores; some seeds stay with a policy that masters one sign and ignores mu, docs/context_ars_bo.md):
-  python context_ars_bo.py --env-id InvertedPendulum-v5 --params strength=-1:1 --iterations 150 \
-      --num-directions 8 --top-directions 4 --step-size 0.02 --noise 0.03 --train-tasks 4 --resample-every 5 \
-      --max-episode-steps 100 --test-tasks-outside 0 --num-workers 2
+Small CPU configuration (HalfCheetah with a motor of unknown sign, strength in [-1, 1]: the latent must carry
+the sign; 100-step episodes; ~1 min on 2 cores, the configuration of the learning test):
+  python context_ars_bo.py --env-id HalfCheetah-v5 --params strength=-1:1 --iterations 20 --num-directions 8 \
+      --top-directions 4 --step-size 0.02 --noise 0.03 --train-tasks 4 --resample-every 5 \
+      --max-episode-steps 100 --test-tasks 8 --test-tasks-outside 0 --eval-every 20 --num-workers 2
 
 Where this script differs from the official code and why:
   - gymnasium v5 MuJoCo envs (the official trained on DART and tested on MuJoCo); their own reward and
