@@ -9,6 +9,9 @@ Writes to --out (default benchmarks/results/<sweep name>):
                 (s since the run's first event; a resumed run includes its pauses), hardware, status
   <env>.png     one figure per env: mean +- std (population std, ddof 0) over seeds per (sweep, script,
                 variant), each seed thin, published numbers as crosses (<env>__<metric>.png for several metrics)
+  adaptation.*  runs that wrote adaptation.json (context_ars_bo.py: best-so-far return of the test-time
+                adaptation against episodes used, at the run's last evaluation): adaptation.csv, one figure
+                adaptation__<env>.png (mean +- std over seeds per group) and a table in table.md
   table.md      the metric at the table steps (per env where the sweep sets env_table_steps): mean +- std
                 over the seeds that reached the step (values linearly interpolated between logged points),
                 per seed, and the published number at that step from --published (script, env, step,
@@ -172,6 +175,53 @@ def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric:
     return lines
 
 
+def adaptation_curves(sweeps: list[tuple[dict, list[dict]]], out: str, many_sweeps: bool) -> list[str]:
+    """Collect the adaptation.json of every run that wrote one: CSV, a figure per env, table lines."""
+    curves = []
+    for sweep, jobs in sweeps:
+        for job in jobs:
+            path = os.path.join(job["run_dir"] or "", "adaptation.json")
+            if job["run_dir"] and os.path.isfile(path):
+                with open(path) as f:
+                    data = json.load(f)
+                group = (sweep["name"], job["script"], job["env"], job.get("variant", ""))
+                curves.append((group, job["seed"], data["step"], data["episodes"], data["best_return"]))
+    if not curves:
+        return []
+    with open(os.path.join(out, "adaptation.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sweep", "script", "env", "variant", "seed", "step", "episodes", "best_return"])
+        for group, seed, step, episodes, best in curves:
+            writer.writerows([*group, seed, step, e, f"{b:.4f}"] for e, b in zip(episodes, best))
+    lines = ["| adapting run | env | seeds (env steps) | best return so far after k episodes: mean ± std |",
+             "|---|---|---|---|"]
+    for env in sorted({group[2] for group, *_ in curves}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for group in sorted({group for group, *_ in curves if group[2] == env}):
+            members = [c for c in curves if c[0] == group]
+            episodes = members[0][3]
+            if any(c[3] != episodes for c in members):
+                raise SystemExit(f"error: the runs of {label(group, many_sweeps)} adapted with different episode "
+                                 "counts; report them separately")
+            best = np.array([c[4] for c in members])
+            mean, std = best.mean(0), best.std(0)
+            ax.plot(episodes, mean, marker=".", label=f"{label(group, many_sweeps)} ({len(members)} seeds)")
+            ax.fill_between(episodes, mean - std, mean + std, alpha=0.2)
+            shown = sorted({0, len(episodes) // 4, len(episodes) // 2, len(episodes) - 1})
+            lines.append(f"| {label(group, many_sweeps)} | {env} | "
+                         f"{', '.join(f'{c[1]} ({c[2]})' for c in members)} | "
+                         + ", ".join(f"{episodes[i]}: {fmt(mean[i])} ± {fmt(std[i])}" for i in shown) + " |")
+        ax.set_xlabel("episodes used by the adaptation")
+        ax.set_ylabel("best mean return so far")
+        ax.set_title(f"{env}: test-time adaptation", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"adaptation__{env.replace(':', '-')}.png"), dpi=120)
+        plt.close(fig)
+    return lines
+
+
 def read_runs(sweeps: list[tuple[dict, list[dict]]], metric: str) -> tuple[list[Run], list[str]]:
     """Every job's curve of one metric, and the jobs without a run folder."""
     runs, missing, tags = [], [], set()
@@ -220,6 +270,9 @@ def main(args: Args) -> dict:
                          os.path.join(out, f"{name}.png"))
             figures += len(envs)
             lines += [*table(runs, {env: table_steps(env) for env in envs}, published, metric, many_sweeps), ""]
+    table_rows = sum(1 for line in lines if line.startswith("| ") and not line.startswith("| run |"))
+    adaptation = adaptation_curves(sweeps, out, many_sweeps)
+    lines += [*adaptation, ""] if adaptation else []
     unfinished = [f"{run.sweep}/{run.script} {run.env} {run.variant} seed {run.seed} ({run.status})"
                   for run in runs if run.status != "finished"]
     notes = [f"- not finished, included up to its last logged step: {u}" for u in unfinished]
@@ -230,7 +283,6 @@ def main(args: Args) -> dict:
                            "", *lines, *notes]) + "\n")
     print("\n".join(lines + notes))
     print(f"wrote {out}/curves.csv, table.md and {figures} figure(s)")
-    table_rows = sum(1 for line in lines if line.startswith("| ") and not line.startswith("| run |"))
     return {"out": out, "runs": len(runs), "table_rows": table_rows, "figures": figures}
 
 

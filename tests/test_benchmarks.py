@@ -114,13 +114,23 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
     assert len(table_rows) == 3 and all("(2) |" in line for line in table_rows)
     assert "| 50 |" in table_rows[2] and "| 7.5 | a test source |" in table_rows[2]
     assert "no data: c-tiny/mbrl_mpc__CartPole-v1__s1 (failed" in table
-    # several metrics: a figure per env and metric, every metric's rows in the CSV, one table each
+    # several metrics: a figure per env and metric, every metric's rows in the CSV, one table each; runs that
+    # wrote an adaptation curve (context_ars_bo.py's adaptation.json) get its CSV, figure and mean +- std row
+    for seed, best in [(1, [1.0, 2.0, 3.0]), (2, [3.0, 4.0, 5.0])]:
+        run_dir = job(tmp_path, "c-tiny", f"mbrl_mpc__InvertedPendulum-v5__s{seed}")["run_dir"]
+        with open(os.path.join(run_dir, "adaptation.json"), "w") as f:
+            json.dump({"step": 60, "episodes": [3, 6, 9], "best_return": best}, f)
     out = subprocess.run([sys.executable, REPORT, str(tmp_path / "sweeps" / "c-tiny"), "--metric",
                           "charts/episodic_return", "eval/return", "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert sorted(os.listdir(tmp_path / "two")) == ["InvertedPendulum-v5__charts-episodic_return.png",
-                                                    "InvertedPendulum-v5__eval-return.png", "curves.csv", "table.md"]
+    assert sorted(os.listdir(tmp_path / "two")) == [
+        "InvertedPendulum-v5__charts-episodic_return.png", "InvertedPendulum-v5__eval-return.png", "adaptation.csv",
+        "adaptation__InvertedPendulum-v5.png", "curves.csv", "table.md"]
+    with open(tmp_path / "two" / "adaptation.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert ("| mbrl_mpc | InvertedPendulum-v5 | 1 (60), 2 (60) | 3: 2.00 ± 1.00, 6: 3.00 ± 1.00, 9: 4.00 ± 1.00 |"
+            in (tmp_path / "two" / "table.md").read_text())
     with open(tmp_path / "two" / "curves.csv") as f:
         assert {r["metric"] for r in csv.DictReader(f)} == {"charts/episodic_return", "eval/return"}
     tables = [line for line in (tmp_path / "two" / "table.md").read_text().splitlines() if line.startswith("| run")]
