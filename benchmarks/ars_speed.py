@@ -3,15 +3,20 @@
   python benchmarks/ars_speed.py --env-id Hopper-v5 --rounds 3 --csv results.csv
 
 Raw: the same env copies (one per episode of an ARS iteration) stepped in one process with random actions,
-no policy, each episode to its natural end. ARS: whole ARS iterations at the official size (32 directions x
-+- x 8 tasks = 512 episodes, each with its own perturbed weights and dynamics), env steps taken / wall-clock,
-with `--num-workers` 1 and 2. Every episode is capped at --max-episode-steps; the policy is the script's
-initial one (its episodes are as short as the raw ones, so both sides time similar episode lengths). The
-goal (issue 8): ARS at >= 80 % of raw per worker.
+no policy, each episode to its natural end; and the same copies split over 2 processes stepping at once
+(their summed steps/s: what the cores give when both are busy, the yardstick for 2 workers). ARS: whole ARS
+iterations at the official size (32 directions x +- x 8 tasks = 512 episodes, each with its own perturbed
+weights and dynamics), env steps taken / wall-clock, with `--num-workers` 1 and 2. Every episode is capped
+at --max-episode-steps; the policy is the script's initial one (its episodes are as short as the raw ones,
+so both sides time similar episode lengths). Random actions and the policy's actions put the robot in
+different contact regimes, which changes the cost of a MuJoCo step; so the one-worker run also times its own
+env.step calls: the share of its wall-clock spent inside them is its speed relative to raw MuJoCo on exactly
+the steps it took. The goal (issue 8): ARS at >= 80 % of raw per worker.
 """
 
 import argparse
 import csv
+import multiprocessing
 import os
 import sys
 import time
@@ -43,6 +48,40 @@ def raw_steps_per_s(worker: mso.RolloutWorker, dynamics: np.ndarray, seed: int) 
     return steps / (time.perf_counter() - start)
 
 
+def timed(step, clock: list[float]):
+    """env.step that adds its wall-clock time to clock[0]."""
+    def step_and_time(action):
+        start = time.perf_counter()
+        result = step(action)
+        clock[0] += time.perf_counter() - start
+        return result
+    return step_and_time
+
+
+def _raw_in_process(worker_kwargs: dict, dynamics: np.ndarray, seed: int, barrier, results) -> None:
+    torch.set_num_threads(1)
+    worker = mso.RolloutWorker(**worker_kwargs)
+    worker._grow(len(dynamics))  # env copies built before the clock starts, as in the one-process case
+    barrier.wait()
+    results.put(raw_steps_per_s(worker, dynamics, seed))
+
+
+def raw_steps_per_s_two_processes(worker_kwargs: dict, dynamics: np.ndarray, seed: int) -> float:
+    """Summed env steps/s of 2 processes, each stepping half of the env copies, started together."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    halves = np.array_split(dynamics, 2)
+    processes = [context.Process(target=_raw_in_process,
+                                 args=(worker_kwargs, half, seed + k * len(halves[0]), barrier, results))
+                 for k, half in enumerate(halves)]  # the same reset seeds as the one-process measurement
+    for process in processes:
+        process.start()
+    total = sum(results.get() for _ in processes)
+    for process in processes:
+        process.join()
+    return total
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-id", default="Hopper-v5")
@@ -69,24 +108,34 @@ def main():
         mso.ars_iteration(pool, theta, warm, np.zeros((args.train_tasks, args.latent_dim), np.float32),
                           mso.RunningMeanStd(obs_dim + args.latent_dim), args, np.random.default_rng(0))
     raw_worker._grow(episodes)
+    # the one-worker pool runs here: time its env.step calls, the raw cost of exactly the steps ARS takes
+    in_env_step = [0.0]
+    for env in pools[1].local.envs:
+        env.step = timed(env.step, in_env_step)
     rows = []
     for i in range(opts.rounds):
         rng = np.random.default_rng(i)
         dynamics = mso.sample_dynamics(params, args.train_tasks, rng)
         latents = rng.uniform(-1, 1, (args.train_tasks, args.latent_dim)).astype(np.float32)
         raw = raw_steps_per_s(raw_worker, np.tile(dynamics, (episodes // args.train_tasks, 1)), i)
-        rows.append(("raw_env_steps_per_s", 1, i, raw))
-        line = f"round {i}: raw env {raw:.0f} steps/s"
+        raw2 = raw_steps_per_s_two_processes(kwargs, np.tile(dynamics, (episodes // args.train_tasks, 1)), i)
+        rows += [("raw_env_steps_per_s", 1, i, raw), ("raw_env_steps_per_s", 2, i, raw2)]
+        line = f"round {i}: raw env {raw:.0f} steps/s in 1 process, {raw2:.0f} in 2"
         for workers, pool in pools.items():
             normaliser = mso.RunningMeanStd(obs_dim + args.latent_dim)
+            in_env_step[0] = 0.0
             start = time.perf_counter()
             _, stats = mso.ars_iteration(pool, theta, dynamics, latents, normaliser, args, np.random.default_rng(i))
             seconds = time.perf_counter() - start
             rows += [("ars_steps_per_s", workers, i, stats["env_steps"] / seconds),
                      ("ars_iteration_s", workers, i, seconds)]
             line += (f", ARS {workers} worker(s) {stats['env_steps'] / seconds:.0f} steps/s "
-                     f"({stats['env_steps'] / seconds / raw / workers:.0%} of raw per worker, {seconds:.2f} s per "
-                     f"iteration of {stats['env_steps']} steps)")
+                     f"({stats['env_steps'] / seconds / raw / workers:.0%} of 1-process raw per worker, "
+                     f"{stats['env_steps'] / seconds / (raw if workers == 1 else raw2):.0%} of {workers}-process raw, "
+                     f"{seconds:.2f} s per iteration of {stats['env_steps']} steps)")
+            if workers == 1:
+                rows.append(("share_in_env_step", 1, i, in_env_step[0] / seconds))
+                line += f" [1 worker: {in_env_step[0] / seconds:.0%} of its time inside env.step]"
         print(line)
     for pool in pools.values():
         pool.close()
@@ -94,10 +143,12 @@ def main():
     def median(measure, workers):
         return float(np.median([v for m, w, _, v in rows if m == measure and w == workers]))
 
-    raw = median("raw_env_steps_per_s", 1)
-    print(f"median: raw {raw:.0f} steps/s; " + "; ".join(
-        f"{w} worker(s): {median('ars_steps_per_s', w):.0f} steps/s = {median('ars_steps_per_s', w) / raw / w:.0%} "
-        f"of raw per worker, {median('ars_iteration_s', w):.2f} s per iteration" for w in (1, 2)))
+    raw = {w: median("raw_env_steps_per_s", w) for w in (1, 2)}
+    print(f"median: raw {raw[1]:.0f} steps/s in 1 process, {raw[2]:.0f} in 2; " + "; ".join(
+        f"{w} worker(s): {median('ars_steps_per_s', w):.0f} steps/s = {median('ars_steps_per_s', w) / raw[1] / w:.0%} "
+        f"of 1-process raw per worker, {median('ars_steps_per_s', w) / raw[w]:.0%} of {w}-process raw, "
+        f"{median('ars_iteration_s', w):.2f} s per iteration" for w in (1, 2))
+        + f"; 1 worker spends {median('share_in_env_step', 1):.0%} of its time inside env.step")
     if opts.csv:
         with open(opts.csv, "w", newline="") as f:
             writer = csv.writer(f)
