@@ -432,9 +432,19 @@ class RolloutWorker:
 
     def _grow(self, n: int) -> None:
         while len(self.envs) < n:  # one env (own MjModel and MjData) per episode of a batch, kept for the next
-            env = (self.first if not self.envs else gym.make(self.first.spec.id)).unwrapped
+            env = (self.first if not self.envs else self._copy()).unwrapped
             self.envs.append(env)
             self.variations.append(DynamicsVariation(env.model, self.params))
+
+    def _copy(self) -> gym.Env:
+        """Another env like the first, built without repeating MuJoCo's compiler warnings (HalfCheetah-v5's XML
+        has a deprecated attribute): the first copy showed them, hundreds of copies would bury the log."""
+        previous = mujoco.get_mju_user_warning()
+        mujoco.set_mju_user_warning(lambda message: None)
+        try:
+            return gym.make(self.first.spec.id)
+        finally:
+            mujoco.set_mju_user_warning(previous)
 
     def run(self, policies: np.ndarray, policy_index: np.ndarray, dynamics: np.ndarray, latents: np.ndarray,
             seeds: np.ndarray, mean: np.ndarray, std: np.ndarray) -> dict:

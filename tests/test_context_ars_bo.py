@@ -225,6 +225,14 @@ def test_outside_test_dynamics_leave_their_range_by_ten_to_thirty_percent_of_its
     np.testing.assert_allclose(mso.normalise_dynamics(params, np.stack([low, high])), [[-1] * 5, [1] * 5])
 
 
+def test_env_copies_do_not_repeat_mujocos_compiler_warnings(capfd):
+    worker = mso.RolloutWorker("HalfCheetah-v5", ("strength=-1:1",), [(4, 19), (6, 4)], 10)
+    worker._grow(4)
+    assert capfd.readouterr().err.count("settotalmass") == 1  # the first copy's, not one per copy
+    gym.make("HalfCheetah-v5")  # MuJoCo's own warning handler is back afterwards
+    assert capfd.readouterr().err.count("settotalmass") == 1
+
+
 def test_rollouts_match_a_plain_gymnasium_loop_and_do_not_depend_on_the_worker_count():
     torch.manual_seed(0)
     policy = mso.LatentConditionedPolicy(4, 1, 1, (8,))
