@@ -47,6 +47,8 @@ class Args:
     """TensorBoard key(s) to report (default: the first sweep's metric)"""
     steps: Optional[list[int]] = None
     """env steps of the table (default: the sweeps' table steps)"""
+    final: bool = False
+    """table each run's last logged value instead (runs budgeted in iterations end at different env steps)"""
     published: str = os.path.join(ROOT, "benchmarks", "published.csv")
     """published numbers: CSV with columns script, env, step, metric, value, source"""
     out: Optional[str] = None
@@ -128,10 +130,12 @@ def plot_env(env: str, runs: list[Run], published: dict, metric: str, many_sweep
         members = [run for run in runs if run.group == group and len(run.steps)]
         if not members:
             continue
-        for run in members:
-            ax.plot(run.steps, run.values, color=color, lw=0.6, alpha=0.35)
         # seeds log at different steps (episode ends): average on a common grid up to the shortest seed
         first, last = max(r.steps[0] for r in members), min(r.steps[-1] for r in members)
+        for run in members:  # a run that logged once or twice (an evaluation at the end) shows as points
+            named = first >= last and run is members[0]  # no mean curve to carry the legend
+            ax.plot(run.steps, run.values, color=color, lw=0.6, alpha=0.35, marker="o" if len(run.steps) < 3 else None,
+                    label=f"{label(group, many_sweeps)} ({len(members)} seeds)" if named else None)
         if first >= last:  # the seeds share no stretch of steps (e.g. one barely started): no mean curve
             continue
         grid = np.linspace(first, last, 200)
@@ -222,6 +226,19 @@ def adaptation_curves(sweeps: list[tuple[dict, list[dict]]], out: str, many_swee
     return lines
 
 
+def final_table(runs: list[Run], metric: str, many_sweeps: bool) -> list[str]:
+    lines = [f"| run | env | last logged env step per seed | `{metric}` mean ± std (seeds) | per seed |",
+             "|---|---|---|---|---|"]
+    for group in sorted({run.group for run in runs}):
+        members = sorted((run for run in runs if run.group == group and len(run.steps)), key=lambda run: run.seed)
+        if not members:
+            continue
+        last = [float(run.values[-1]) for run in members]
+        lines.append(f"| {label(group, many_sweeps)} | {group[2]} | {', '.join(str(run.steps[-1]) for run in members)}"
+                     f" | {fmt(np.mean(last))} ± {fmt(np.std(last))} ({len(last)}) | {', '.join(map(fmt, last))} |")
+    return lines
+
+
 def read_runs(sweeps: list[tuple[dict, list[dict]]], metric: str) -> tuple[list[Run], list[str]]:
     """Every job's curve of one metric, and the jobs without a run folder."""
     runs, missing, tags = [], [], set()
@@ -269,7 +286,8 @@ def main(args: Args) -> dict:
                 plot_env(env, [run for run in runs if run.env == env], published, metric, many_sweeps,
                          os.path.join(out, f"{name}.png"))
             figures += len(envs)
-            lines += [*table(runs, {env: table_steps(env) for env in envs}, published, metric, many_sweeps), ""]
+            lines += [*(final_table(runs, metric, many_sweeps) if args.final else
+                        table(runs, {env: table_steps(env) for env in envs}, published, metric, many_sweeps)), ""]
     table_rows = sum(1 for line in lines if line.startswith("| ") and not line.startswith("| run |"))
     adaptation = adaptation_curves(sweeps, out, many_sweeps)
     lines += [*adaptation, ""] if adaptation else []

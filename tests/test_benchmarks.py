@@ -135,6 +135,17 @@ def test_local_sweep_survives_a_failing_run_reports_and_skips_or_resumes_on_reru
         assert {r["metric"] for r in csv.DictReader(f)} == {"charts/episodic_return", "eval/return"}
     tables = [line for line in (tmp_path / "two" / "table.md").read_text().splitlines() if line.startswith("| run")]
     assert len(tables) == 2 and "`eval/return`" in tables[1]
+    # --final: each run's last logged value (runs budgeted in iterations end at different steps)
+    out = subprocess.run([sys.executable, REPORT, str(tmp_path / "sweeps" / "c-tiny"), "--final", "--out",
+                          str(tmp_path / "final")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    last = {}
+    for r in rows:  # the first report's curves.csv rows, in logged order
+        last[r["seed"]] = (r["step"], float(r["value"]))
+    expected = (f"| mbrl_mpc | InvertedPendulum-v5 | {last['1'][0]}, {last['2'][0]} | "
+                f"{(last['1'][1] + last['2'][1]) / 2:.2f} ± {abs(last['1'][1] - last['2'][1]) / 2:.2f} (2) | "
+                f"{last['1'][1]:.2f}, {last['2'][1]:.2f} |")
+    assert expected in (tmp_path / "final" / "table.md").read_text()
 
     def again_without_cartpole(*flags: str) -> subprocess.CompletedProcess:
         return sweep(tmp_path, "--config", config, "--experiment", "tiny", "--env-ids", "InvertedPendulum-v5", *flags)
