@@ -277,6 +277,7 @@ def test_rollouts_match_a_plain_gymnasium_loop_and_do_not_depend_on_the_worker_c
 # ----------------------------------------------------------------------------------------------------
 # Learning: adaptation of mu on held-out dynamics beats a random mu
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_adapted_latent_beats_a_random_one_on_a_motor_of_unknown_sign(in_tmp):
     # HalfCheetah-v5 whose motor strength is drawn from [-1, 1]: no single reactive policy runs forward for
     # both signs, so the latent has to carry the sign. 20 small ARS iterations (~236k env steps with the
