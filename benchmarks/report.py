@@ -149,18 +149,26 @@ def plot_env(env: str, runs: list[Run], published: dict, metric: str, many_sweep
     if points:
         ax.scatter([p[0] for p in points], [p[1] for p in points], marker="x", color="k", zorder=5,
                    label="published (see table)")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{env} ({', '.join(sorted({run.sweep for run in runs}))})", fontsize=10)
+    finish_figure(fig, ax, "env steps", metric, f"{env} ({', '.join(sorted({run.sweep for run in runs}))})", path)
+
+
+def fmt(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"  # bandit rewards and MuJoCo returns alike
+
+
+def mean_std(values) -> str:
+    return f"{fmt(np.mean(values))} ± {fmt(np.std(values))}"  # population std (ddof 0), as in the figures
+
+
+def finish_figure(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def fmt(value: float) -> str:
-    return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"  # bandit rewards and MuJoCo returns alike
 
 
 def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric: str, many_sweeps: bool) -> list[str]:
@@ -171,7 +179,7 @@ def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric:
         for step in steps[group[2]]:
             values = [(run.seed, value_at(run, step)) for run in members]
             reached = [v for _, v in values if v is not None]
-            ours = f"{fmt(np.mean(reached))} ± {fmt(np.std(reached))} ({len(reached)})" if reached else "not reached"
+            ours = f"{mean_std(reached)} ({len(reached)})" if reached else "not reached"
             per_seed = ", ".join(fmt(v) if v is not None else "-" for _, v in values)
             value, source = published.get((group[1], group[2], step, metric), (None, ""))
             lines.append(f"| {label(group, many_sweeps)} | {group[2]} | {step} | {ours} | {per_seed} | "
@@ -179,8 +187,9 @@ def table(runs: list[Run], steps: dict[str, list[int]], published: dict, metric:
     return lines
 
 
-def adaptation_curves(sweeps: list[tuple[dict, list[dict]]], out: str, many_sweeps: bool) -> list[str]:
-    """Collect the adaptation.json of every run that wrote one: CSV, a figure per env, table lines."""
+def adaptation_curves(sweeps: list[tuple[dict, list[dict]]], out: str, many_sweeps: bool) -> tuple[list[str], int]:
+    """Collect the adaptation.json of every run that wrote one: a CSV, a figure per env, table lines (and the
+    number of figures)."""
     curves = []
     for sweep, jobs in sweeps:
         for job in jobs:
@@ -190,8 +199,13 @@ def adaptation_curves(sweeps: list[tuple[dict, list[dict]]], out: str, many_swee
                     data = json.load(f)
                 group = (sweep["name"], job["script"], job["env"], job.get("variant", ""))
                 curves.append((group, job["seed"], data["step"], data["episodes"], data["best_return"]))
+    groups = sorted({group for group, *_ in curves})
+    for group in groups:
+        if len({tuple(c[3]) for c in curves if c[0] == group}) > 1:
+            raise SystemExit(f"error: the runs of {label(group, many_sweeps)} adapted with different episode "
+                             "counts; report them separately")
     if not curves:
-        return []
+        return [], 0
     with open(os.path.join(out, "adaptation.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["sweep", "script", "env", "variant", "seed", "step", "episodes", "best_return"])
@@ -199,31 +213,22 @@ def adaptation_curves(sweeps: list[tuple[dict, list[dict]]], out: str, many_swee
             writer.writerows([*group, seed, step, e, f"{b:.4f}"] for e, b in zip(episodes, best))
     lines = ["| adapting run | env | seeds (env steps) | best return so far after k episodes: mean ± std |",
              "|---|---|---|---|"]
-    for env in sorted({group[2] for group, *_ in curves}):
+    envs = sorted({group[2] for group in groups})
+    for env in envs:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for group in sorted({group for group, *_ in curves if group[2] == env}):
+        for group in [group for group in groups if group[2] == env]:
             members = [c for c in curves if c[0] == group]
-            episodes = members[0][3]
-            if any(c[3] != episodes for c in members):
-                raise SystemExit(f"error: the runs of {label(group, many_sweeps)} adapted with different episode "
-                                 "counts; report them separately")
-            best = np.array([c[4] for c in members])
+            episodes, best = members[0][3], np.array([c[4] for c in members])
             mean, std = best.mean(0), best.std(0)
             ax.plot(episodes, mean, marker=".", label=f"{label(group, many_sweeps)} ({len(members)} seeds)")
             ax.fill_between(episodes, mean - std, mean + std, alpha=0.2)
             shown = sorted({0, len(episodes) // 4, len(episodes) // 2, len(episodes) - 1})
             lines.append(f"| {label(group, many_sweeps)} | {env} | "
                          f"{', '.join(f'{c[1]} ({c[2]})' for c in members)} | "
-                         + ", ".join(f"{episodes[i]}: {fmt(mean[i])} ± {fmt(std[i])}" for i in shown) + " |")
-        ax.set_xlabel("episodes used by the adaptation")
-        ax.set_ylabel("best mean return so far")
-        ax.set_title(f"{env}: test-time adaptation", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"adaptation__{env.replace(':', '-')}.png"), dpi=120)
-        plt.close(fig)
-    return lines
+                         + ", ".join(f"{episodes[i]}: {mean_std(best[:, i])}" for i in shown) + " |")
+        finish_figure(fig, ax, "episodes used by the adaptation", "best mean return so far",
+                      f"{env}: test-time adaptation", os.path.join(out, f"adaptation__{env.replace(':', '-')}.png"))
+    return lines, len(envs)
 
 
 def final_table(runs: list[Run], metric: str, many_sweeps: bool) -> list[str]:
@@ -235,7 +240,7 @@ def final_table(runs: list[Run], metric: str, many_sweeps: bool) -> list[str]:
             continue
         last = [float(run.values[-1]) for run in members]
         lines.append(f"| {label(group, many_sweeps)} | {group[2]} | {', '.join(str(run.steps[-1]) for run in members)}"
-                     f" | {fmt(np.mean(last))} ± {fmt(np.std(last))} ({len(last)}) | {', '.join(map(fmt, last))} |")
+                     f" | {mean_std(last)} ({len(last)}) | {', '.join(map(fmt, last))} |")
     return lines
 
 
@@ -289,8 +294,9 @@ def main(args: Args) -> dict:
             lines += [*(final_table(runs, metric, many_sweeps) if args.final else
                         table(runs, {env: table_steps(env) for env in envs}, published, metric, many_sweeps)), ""]
     table_rows = sum(1 for line in lines if line.startswith("| ") and not line.startswith("| run |"))
-    adaptation = adaptation_curves(sweeps, out, many_sweeps)
+    adaptation, adaptation_figures = adaptation_curves(sweeps, out, many_sweeps)
     lines += [*adaptation, ""] if adaptation else []
+    figures += adaptation_figures
     unfinished = [f"{run.sweep}/{run.script} {run.env} {run.variant} seed {run.seed} ({run.status})"
                   for run in runs if run.status != "finished"]
     notes = [f"- not finished, included up to its last logged step: {u}" for u in unfinished]
@@ -300,7 +306,7 @@ def main(args: Args) -> dict:
         f.write("\n".join([f"Sweeps: {', '.join(s['name'] for s in settings)}; hardware: {'; '.join(hardware)}",
                            "", *lines, *notes]) + "\n")
     print("\n".join(lines + notes))
-    print(f"wrote {out}/curves.csv, table.md and {figures} figure(s)")
+    print(f"wrote {out}/curves.csv, {'adaptation.csv, ' if adaptation else ''}table.md and {figures} figure(s)")
     return {"out": out, "runs": len(runs), "table_rows": table_rows, "figures": figures}
 
 
