@@ -11,8 +11,9 @@ Adaptation with Meta Strategy Optimization", IEEE RA-L; Augmented Random Search:
      return over the current tasks, every task run with its own best mu; theta moves along the best
      directions:  theta += alpha / (b sigma_R) sum_{k in top b} (r+_k - r-_k) delta_k.
   So training finds a theta for which *some* mu works well on every dynamics. On unseen dynamics only mu is
-  searched: BO with 5 random + 20 BO points x 3 episodes each (75 episodes), gradient-free. `meta/adapt_return` is the
-  best-so-far of those noisy 3-episode means (optimistic); `eval/return` runs the chosen mu on fresh episodes.
+  searched: BO with 5 random + 20 BO points x 3 episodes each (75 episodes), gradient-free.
+  `meta/adapt_return` is the best-so-far of those noisy 3-episode means (optimistic); `eval/return` runs the
+  chosen mu on fresh episodes.
 Baselines with the same ARS budget (`--method`): dr, domain randomisation (a policy without mu), and up, the
 universal policy that is told the true dynamics (mu = the normalised true parameters).
 
@@ -740,7 +741,8 @@ def evaluate_on_test_dynamics(rollouts: Rollouts, theta: np.ndarray, test_dynami
                               args: Args, device: torch.device) -> tuple[dict, dict]:
     """MSO: BO of mu on each test dynamics ((bo_init_points + adapt_iterations) x adapt_episodes episodes),
     then eval_episodes fresh episodes of the chosen mu; dr / up: eval_episodes episodes of their fixed input.
-    The same seeds every time. Returns the metrics and the adaptation curve (best-so-far mean return vs episodes used)."""
+    The same seeds every time. Returns the metrics and the adaptation curve (best-so-far mean return vs
+    episodes used)."""
     rng = np.random.default_rng(args.seed + 20_000)
     metrics, curve = {}, {}
     if args.method == "mso":

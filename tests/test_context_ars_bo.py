@@ -281,8 +281,8 @@ def test_rollouts_match_a_plain_gymnasium_loop_and_do_not_depend_on_the_worker_c
 def test_adapted_latent_beats_a_random_one_on_a_motor_of_unknown_sign(in_tmp):
     # HalfCheetah-v5 whose motor strength is drawn from [-1, 1]: no single reactive policy runs forward for
     # both signs, so the latent has to carry the sign. 20 small ARS iterations (~236k env steps with the
-    # searches and the evaluation); on 8 held-out dynamics, BO's mu ((5 + 20) x 3 episodes) then 5 fresh episodes
-    # each, against the same policy with a random mu on the same dynamics and seeds. Seeds 1-5 of this
+    # searches and the evaluation); on 8 held-out dynamics, BO's mu ((5 + 20) x 3 episodes) then 5 fresh
+    # episodes each, against the same policy with a random mu on the same dynamics and seeds. Seeds 1-5 of this
     # configuration (docs/context_ars_bo.md): adapted 36.5 / 36.0 / 37.0 / 30.6 / 18.3, random mu -0.9 / 18.3
     # / 7.9 / 13.6 / -0.8; the untrained policy's 100-step return is -0.2.
     result = mso.main(mso.Args(env_id="HalfCheetah-v5", params=("strength=-1:1",), iterations=20,
