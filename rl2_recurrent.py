@@ -46,9 +46,10 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -233,6 +234,17 @@ class Navigation2D:
         return self.position.copy(), rewards.astype(np.float32)
 
 
+def without_mujoco_warnings(build: Callable[[], gym.Env]) -> gym.Env:
+    """build() with MuJoCo's warnings silenced, for the 2nd..nth copy of an env: the first copy printed its
+    XML's warnings (HalfCheetah-v5 has a deprecated attribute); one per copy would bury the log."""
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(lambda message: None)
+    try:
+        return build()
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
 class MujocoTasks:
     """A gymnasium v5 MuJoCo env per slot (one vector env); the task reward replaces the env's reward."""
 
@@ -243,7 +255,8 @@ class MujocoTasks:
         make = lambda: gym.make(self.env_id, max_episode_steps=episode_length,  # noqa: E731
                                 render_mode="rgb_array" if render else None, **self.env_kwargs)
         # trials run in lockstep and reset every slot together, so the vector env never auto-resets
-        self.envs = gym.vector.SyncVectorEnv([make] * num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+        self.envs = gym.vector.SyncVectorEnv([make] + [lambda: without_mujoco_warnings(make)] * (num_envs - 1),
+                                             autoreset_mode=gym.vector.AutoresetMode.DISABLED)
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.action_space = self.envs.single_action_space
 

@@ -297,6 +297,13 @@ def test_each_task_samples_with_its_own_parameters_and_a_trajectory_ends_at_the_
     torch.testing.assert_close(batch["rewards"], -distance * masks)
 
 
+def test_env_copies_do_not_repeat_mujocos_compiler_warnings(capfd):
+    maml.HalfCheetahVel(4, 10)
+    assert capfd.readouterr().err.count("settotalmass") == 1  # the first env's, not one per slot
+    maml.HalfCheetahVel(1, 10)  # MuJoCo's own warning handler is back afterwards
+    assert capfd.readouterr().err.count("settotalmass") == 1
+
+
 @pytest.mark.parametrize("family", ["HalfCheetahVel", "HalfCheetahDir", "AntVel", "AntDir"])
 def test_mujoco_task_reward_uses_the_velocity_from_positions(family):
     args = maml.with_task_defaults(tiny(task=family))

@@ -117,6 +117,13 @@ def test_smoke_run_writes_logs_checkpoint_and_resume_equals_an_uninterrupted_run
     assert rl2.main(tiny(seed=4))["train_trial_returns"] != straight["train_trial_returns"]
 
 
+def test_env_copies_do_not_repeat_mujocos_compiler_warnings(capfd):
+    rl2.HalfCheetahVel(4, 10)
+    assert capfd.readouterr().err.count("settotalmass") == 1  # the first env's, not one per slot
+    rl2.HalfCheetahVel(1, 10)  # MuJoCo's own warning handler is back afterwards
+    assert capfd.readouterr().err.count("settotalmass") == 1
+
+
 @pytest.mark.parametrize("task", ["HalfCheetahVel", "HalfCheetahDir", "AntDir", "navigation2d"])
 def test_every_task_family_runs(in_tmp, task):
     result = rl2.main(tiny(task=task, total_timesteps=40, num_trials=2, num_minibatches=1, episode_length=10,
