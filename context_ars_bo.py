@@ -28,7 +28,7 @@ the chosen mu (`eval/return`).
 
 Headline benchmark (Hopper-v5, MSO; up to 5e8 env steps in the original's 1000 iterations):  python context_ars_bo.py
 Small CPU configuration (HalfCheetah with a motor of unknown sign, strength in [-1, 1]: the latent must carry
-the sign; 100-step episodes; ~1 min on 2 cores, the configuration of the learning test):
+the sign; 100-step episodes; 28 s on 2 idle cores, the configuration of the learning test):
   python context_ars_bo.py --env-id HalfCheetah-v5 --params strength=-1:1 --iterations 20 --num-directions 8 \
       --top-directions 4 --step-size 0.02 --noise 0.03 --train-tasks 4 --resample-every 5 \
       --max-episode-steps 100 --test-tasks 8 --test-tasks-outside 0 --eval-every 20 --num-workers 2
