@@ -1,5 +1,6 @@
 """The scripts live at the repository root; tests import them as modules and run in a scratch directory."""
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -38,3 +39,14 @@ def run_events(run_dir: str, script: str) -> EventAccumulator:
     events = EventAccumulator(run_dir)
     events.Reload()
     return events
+
+
+def assert_command_line_error(script: str, flags: list[str], message: str) -> None:
+    """`python <script> <flags>` exits with a non-zero status and one line on stderr, `error: <message>...`,
+    before anything is written to runs/ (run it inside `in_tmp`)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+    assert not os.path.exists("runs")

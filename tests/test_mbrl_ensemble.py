@@ -1,8 +1,6 @@
 """Tests of mbrl_ensemble.py (MBPO): the ensemble on a known noisy system and its elites, the rollout schedule,
 branched rollouts and terminations, SAC's pieces, per-env defaults, smoke/resume/bad input, and learning."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 import tyro
 
 import mbrl_ensemble as mbpo
-from conftest import ROOT, heteroscedastic_data, run_events
+from conftest import assert_command_line_error, heteroscedastic_data, run_events
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,12 +335,7 @@ def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
 
 
 def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mbrl_ensemble.py"), "--real-ratio", "2"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --real-ratio must be in [0, 1]"), proc.stderr
-    assert not os.path.exists("runs")
+    assert_command_line_error("mbrl_ensemble.py", ["--real-ratio", "2"], "--real-ratio must be in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 termination rules against the environments, smoke/resume/determinism, bad input, and learning."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 
 import mbrl_mpc as mpc
-from conftest import ROOT, heteroscedastic_data, run_events
+from conftest import assert_command_line_error, heteroscedastic_data, run_events
 
 # ----------------------------------------------------------------------------------------------------
 # Planners on a linear system with quadratic cost: x' = A x + B u, r = -(|x'|^2 + 0.1 u^2)
@@ -270,12 +268,7 @@ def test_capture_video_records_each_evaluation_episode(in_tmp):
 
 
 def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mbrl_mpc.py"), "--env-id", "CartPole-v1"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: CartPole-v1 has Discrete actions"), proc.stderr
-    assert not os.path.exists("runs")
+    assert_command_line_error("mbrl_mpc.py", ["--env-id", "CartPole-v1"], "CartPole-v1 has Discrete actions")
 
 
 # ----------------------------------------------------------------------------------------------------
