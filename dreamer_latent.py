@@ -16,12 +16,13 @@ Headline benchmark (DMC walker-walk from pixels, model size S, train ratio 512, 
 dm_control extra and, realistically, a GPU):  python dreamer_latent.py
 Small CPU configuration: none yet learns a MuJoCo task in minutes (pixel InvertedPendulum at 32x32 with a
 small model did not beat random after ~700 updates, docs/dreamer_latent.md); the tests' cheap pixel task
-(tests/test_dreamer_latent.py, DotWorld) is learnt in ~45 s with 320 updates.
+(tests/test_dreamer_latent.py, DotWorld) is learnt in ~35 s with 200 updates.
 
 Defaults are those of the paper and its first reference code (danijar/dreamerv3, configs.yaml, dmc_vision):
 Adam 1e-4 (model, eps 1e-8, clip 1000) and 3e-5 (actor, critic; eps 1e-5, clip 100), batch 16 x 64, uniform
-replay of 1M steps, learned initial RSSM state, zero-initialised reward and critic outputs, actor std in
-[0.1, 1], DMC camera 0 (quadruped 2). The 2024 version (LaProp, replay-value loss, latents stored in the
+replay of 1M steps, learned initial RSSM state, truncated-normal weights with variance 1 / mean(fan_in, fan_out),
+LayerNorm eps 1e-3, zero-initialised reward and critic outputs, actor std in [0.1, 1], return normaliser with
+EMAs of the 5th and 95th percentiles from 0, DMC camera 0 (quadruped 2). The 2024 version (LaProp, replay-value loss, latents stored in the
 replay, dynamics scale 1.0) is not what this script follows.
 Where this script differs from that reference and why:
   - The actor's baseline is the critic's value with a stop-gradient also for continuous actions, whose
@@ -29,9 +30,12 @@ Where this script differs from that reference and why:
   - Model size XS (GRU 256, MLP 256 x 1, CNN depth 24) is the paper's Table B.1; the reference configs start at S.
   - Episodes of gymnasium environments end at `terminated` (continue flag 0) or at the time limit
     (continue flag 1: a time-limit cut is not a terminal state).
-  - Env steps count the underlying env's steps (policy steps x action repeat, as the paper's "env steps");
-    --train-ratio counts replayed steps per policy step, as the reference code.
   - Random-action prefill of --learning-starts env steps (reference: one batch, 16 x 64 policy steps).
+  - `eval/return` is the return of the actor's mean (most likely) action, this project's evaluation
+    convention; the reference evaluates sampled actions.
+  - Env steps (--total-timesteps, logs) are policy steps x action repeat, as the paper's "env steps"; the last
+    policy step of an episode that terminated mid-repeat counts in full (DMC episodes are exact). As in the
+    reference, --train-ratio counts replayed steps per policy step.
 Speed on 2 CPU cores (AMD EPYC, torch 2.13.0+cpu; docs/dreamer_latent.md): one update of the default
 configuration (size S, 16 x 64 steps) takes 14.8 s (XS 7.1 s); acting alone (4 envs, size S) runs 228 env
 steps/s on pixel InvertedPendulum and 54 on dmc:walker-walk (software rendering). The paper's train ratio
@@ -415,8 +419,14 @@ def kl_losses(post: torch.Tensor, prior: torch.Tensor, free_nats: float) -> tupl
 # ----------------------------------------------------------------------------------------------------
 # World model: CNN encoder / decoder, RSSM, reward and continue heads
 # ----------------------------------------------------------------------------------------------------
+LN_EPS = 1e-3  # the reference's LayerNorm epsilon
+
+
 class ChannelNorm(nn.LayerNorm):
     """LayerNorm over the channels of an image batch [N, C, H, W] (each pixel normalised on its own)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=LN_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -427,14 +437,26 @@ def mlp(in_dim: int, units: int, layers: int, out_dim: Optional[int] = None, zer
     head and the critic, so their first predictions are 0 whatever the inputs)."""
     modules, dim = [], in_dim
     for _ in range(layers):
-        modules += [nn.Linear(dim, units, bias=False), nn.LayerNorm(units), nn.SiLU()]
+        modules += [nn.Linear(dim, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU()]
         dim = units
     if out_dim is not None:
         modules.append(nn.Linear(dim, out_dim))
-        if zero_out:
-            nn.init.zeros_(modules[-1].weight)
-            nn.init.zeros_(modules[-1].bias)
-    return nn.Sequential(*modules)
+    net = nn.Sequential(*modules).apply(init_weights)
+    if zero_out:
+        nn.init.zeros_(net[-1].weight)
+        nn.init.zeros_(net[-1].bias)
+    return net
+
+
+def init_weights(module: nn.Module) -> None:
+    """The reference's initialisation of linear and conv layers: a normal truncated at 2 std whose variance is
+    1 / mean(fan_in, fan_out), and zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+        std = math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566  # 0.8796: the std of a normal truncated at 2
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class Encoder(nn.Module):
@@ -447,7 +469,7 @@ class Encoder(nn.Module):
         for i in range(stages):
             layers += [nn.Conv2d(channels, depth * 2**i, 4, 2, 1, bias=False), ChannelNorm(depth * 2**i), nn.SiLU()]
             channels, size = depth * 2**i, size // 2
-        self.net = nn.Sequential(*layers, nn.Flatten())
+        self.net = nn.Sequential(*layers, nn.Flatten()).apply(init_weights)
         self.out_dim = channels * size * size
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -468,6 +490,7 @@ class Decoder(nn.Module):
                        nn.SiLU()]
             channels = depth * 2**i
         self.net = nn.Sequential(*layers, nn.ConvTranspose2d(channels, 3, 4, 2, 1))
+        self.apply(init_weights)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return self.net(self.linear(feat).reshape(-1, self.top, 4, 4))
@@ -479,7 +502,8 @@ class LayerNormGRUCell(nn.Module):
     def __init__(self, in_dim: int, size: int):
         super().__init__()
         self.linear = nn.Linear(in_dim + size, 3 * size, bias=False)
-        self.norm = nn.LayerNorm(3 * size)
+        self.norm = nn.LayerNorm(3 * size, eps=LN_EPS)
+        init_weights(self.linear)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
@@ -504,6 +528,7 @@ class RSSM(nn.Module):
         self.prior_net = nn.Sequential(mlp(args.deter_size, args.hidden_units, 1), nn.Linear(args.hidden_units, stoch))
         self.post_net = nn.Sequential(mlp(args.deter_size + embed_dim, args.hidden_units, 1),
                                       nn.Linear(args.hidden_units, stoch))
+        self.apply(init_weights)
         self.initial_deter = nn.Parameter(torch.zeros(args.deter_size))  # learned initial state (DreamerV3)
         self.feat_dim = args.deter_size + stoch
 
@@ -618,21 +643,21 @@ def lambda_returns(reward: torch.Tensor, cont: torch.Tensor, value: torch.Tensor
 
 
 class ReturnNormalizer(nn.Module):
-    """S = EMA of (95th - 5th percentile of lambda-returns); advantages are divided by max(1, S), so large returns
-    are scaled down and small ones are not scaled up (sparse rewards keep their signal)."""
+    """S = EMA(95th percentile of lambda-returns) - EMA(5th percentile), both EMAs starting at 0 without bias
+    correction (as the reference); advantages are divided by max(1, S), so large returns are scaled down and
+    small ones are not scaled up (sparse rewards keep their signal)."""
 
     def __init__(self, decay: float):
         super().__init__()
         self.decay = decay
-        self.register_buffer("range", torch.zeros(()))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
 
     def update(self, returns: torch.Tensor) -> torch.Tensor:
         quantiles = torch.quantile(returns.detach().flatten().float(), torch.tensor([0.05, 0.95], device=returns.device))
-        spread = quantiles[1] - quantiles[0]
-        self.range.copy_(torch.where(self.initialised, self.decay * self.range + (1 - self.decay) * spread, spread))
-        self.initialised.fill_(True)
-        return self.range.clamp(min=1.0)
+        self.low.lerp_(quantiles[0], 1 - self.decay)
+        self.high.lerp_(quantiles[1], 1 - self.decay)
+        return (self.high - self.low).clamp(min=1.0)
 
 
 def imagine(wm: WorldModel, actor: Actor, deter: torch.Tensor, stoch: torch.Tensor, horizon: int):
@@ -716,8 +741,9 @@ class Replay:
         batch["is_first"][:, 0] = True
         return batch
 
-    def state_dict(self) -> dict:
-        return {"ptr": self.ptr, "size": self.size, "data": {k: v[:self.size].clone() for k, v in self.data.items()}}
+    def state_dict(self) -> dict:  # the filled part (a slice is copied: torch.save would write a view's whole storage)
+        filled = {k: v if self.size == self.capacity else v[:self.size].clone() for k, v in self.data.items()}
+        return {"ptr": self.ptr, "size": self.size, "data": filled}
 
     def load_state_dict(self, state: dict) -> None:
         if state["size"] > self.capacity or state["data"]["image"].shape[1:] != self.data["image"].shape[1:]:
@@ -1007,6 +1033,8 @@ def main(args: Args) -> dict:
     episode_return, episode_length = np.zeros(num), np.zeros(num, int)
     policy = Policy(agent, num, device)
     updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
+    # a run (or a resumed run whose checkpoint has no replay) first fills the replay with random actions
+    prefill_end = counters["env_steps"] + args.learning_starts if replay.size == 0 else args.learning_starts
     last_checkpoint, last_eval, last_log = (counters["env_steps"],) * 3
     metrics, eval_return, train_returns = {}, float("nan"), []
     start = time.perf_counter()
@@ -1014,7 +1042,7 @@ def main(args: Args) -> dict:
         replay.add({"image": torch.as_tensor(images), "prev_action": prev_action, "reward": torch.as_tensor(reward),
                     "is_first": torch.as_tensor(is_first), "is_terminal": torch.as_tensor(is_terminal)})
         action = policy(images, prev_action, is_first, mode=False)
-        if counters["env_steps"] < args.learning_starts:  # prefill with uniformly random actions
+        if counters["env_steps"] < prefill_end:  # prefill with uniformly random actions
             action = (F.one_hot(torch.randint(act_dim, (num,)), act_dim).float() if discrete
                       else torch.rand(num, act_dim) * 2 - 1)
         # gymnasium's vector env resets an env on the step *after* its episode ended (its action is ignored)
@@ -1037,7 +1065,7 @@ def main(args: Args) -> dict:
         reward = np.where(resetting, 0.0, reward)
         resetting = done
 
-        if counters["env_steps"] >= args.learning_starts and replay.size >= args.batch_length:
+        if counters["env_steps"] >= prefill_end and replay.size >= args.batch_length:
             counters["trained_steps"] += num
             t0 = time.perf_counter()
             while counters["updates"] < counters["trained_steps"] * updates_per_step:

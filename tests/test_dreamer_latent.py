@@ -96,11 +96,16 @@ def test_free_bits_clip_the_kl_at_one_nat_and_stop_its_gradient_there():
 
 def test_return_normalizer_divides_by_the_ema_of_the_5_to_95_percentile_range_but_never_scales_up():
     norm = dreamer.ReturnNormalizer(decay=0.99)
-    scale = norm.update(torch.linspace(0, 100, 1001))
-    assert scale.item() == pytest.approx(90.0)  # the first batch sets the range: 95 - 5
-    scale = norm.update(torch.linspace(0, 10, 1001))  # range 9
-    assert scale.item() == pytest.approx(0.99 * 90 + 0.01 * 9)
-    small = dreamer.ReturnNormalizer(decay=0.99)
+    returns = torch.linspace(0, 100, 1001)  # 5th percentile 5, 95th 95
+    assert norm.update(returns).item() == 1.0  # the EMAs start at 0: range 0.01 * 90 = 0.9, held at 1
+    torch.testing.assert_close(norm.high - norm.low, torch.tensor(0.9))
+    for _ in range(199):
+        scale = norm.update(returns)
+    assert scale.item() == pytest.approx(90 * (1 - 0.99**200), rel=1e-4)  # 77.9: EMA without bias correction
+    norm.update(torch.linspace(1000, 1010, 1001))  # a shift of all returns moves both EMAs, not their difference
+    torch.testing.assert_close(norm.high - norm.low, 0.99 * (90 * (1 - 0.99**200)) + 0.01 * 9.0 * torch.ones(()),
+                               rtol=1e-4, atol=1e-4)
+    small = dreamer.ReturnNormalizer(decay=0.0)
     assert small.update(torch.linspace(0, 0.5, 101)).item() == 1.0  # small returns are not scaled up
 
 
@@ -209,7 +214,7 @@ def test_world_model_learns_a_pixel_world_and_predicts_it_open_loop_better_than_
         return parts["losses/image"], parts["losses/reward"], (predicted_reward - held_out["reward"]).pow(2).mean()
 
     first = held_out_losses()
-    for step in range(400):
+    for step in range(600):
         index = torch.as_tensor(rng.integers(0, 64, 16))
         loss = dreamer.world_model_loss(wm, {k: v[index] for k, v in data.items()}, args)[0]
         dreamer.optimizer_step(optimizer, loss, list(wm.parameters()), args.model_grad_clip)
@@ -247,6 +252,15 @@ def test_smoke_run_writes_logs_checkpoint_with_replay_and_resumes(in_tmp):
         first["policy_steps"] // 2
     assert second["replay"].data["is_first"][stored].all()  # the interrupted episodes restart after the resume
     torch.testing.assert_close(second["replay"].data["image"][:stored], first["replay"].data["image"][:stored])
+
+
+def test_a_resume_without_the_replay_collects_random_steps_again_before_training(in_tmp):
+    first = dreamer.main(tiny(save_replay=False))
+    ckpt_path = os.path.join(first["run_dir"], "dreamer_latent.pt")
+    assert "replay" not in torch.load(ckpt_path, weights_only=False)
+    second = dreamer.main(tiny(resume=ckpt_path, total_timesteps=260))  # prefill again until env step ~300
+    assert second["env_steps"] >= 260 and second["updates"] == first["updates"]
+    assert second["replay"].size == (second["policy_steps"] - first["policy_steps"]) // 2
 
 
 def test_replay_samples_consecutive_steps_of_one_stream_and_wraps_around():
@@ -327,7 +341,7 @@ def random_policy_return(env_id: str, episodes: int, seed: int) -> float:
 @pytest.mark.slow
 def test_dreamer_learns_a_pixel_task_in_imagination(in_tmp):
     args = tiny(env_id="DotWorld-v0", action_repeat=1, cnn_depth=8, deter_size=64, hidden_units=64, stoch_vars=8,
-                stoch_classes=8, batch_size=16, batch_length=12, total_timesteps=1000, learning_starts=200,
+                stoch_classes=8, batch_size=16, batch_length=12, total_timesteps=700, learning_starts=200,
                 train_ratio=72, eval_episodes=20, eval_every=1000, model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4,
                 seed=1, save_model=False)
     result = dreamer.main(args)
