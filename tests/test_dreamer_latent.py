@@ -137,6 +137,43 @@ def test_actor_loss_trains_the_actor_only_through_reparameterised_or_reinforce_g
         assert actions.requires_grad and torch.autograd.grad(actions.sum(), agent.actor.net[-1].weight)[0].abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_updates_equal_eager_updates_also_after_an_eager_checkpoint():
+    device = torch.device("cuda")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    replay = dreamer.Replay(100, 2, (3, 16, 16), 3)
+    torch.manual_seed(0)
+    for _ in range(100):
+        replay.add({"image": torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8),
+                    "prev_action": torch.rand(2, 3) * 2 - 1, "reward": torch.rand(2),
+                    "is_first": torch.rand(2) < 0.05, "is_terminal": torch.rand(2) < 0.02})
+    results = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        args = dreamer.with_model_size(tiny(device="cuda", cuda_graph=graph))
+        agent = dreamer.Dreamer(args, 3, False).to(device)
+        optimizers = dreamer.make_optimizers(agent, args, capturable=graph)
+        update = dreamer.make_update(agent, optimizers, args, device)
+        torch.manual_seed(1)
+        losses = []  # floats at once: a replay overwrites the graph's output tensors
+        for _ in range(5):  # graph: two eager updates (the second also records the graph), then three replays
+            metrics = update(replay.sample(4, 8, device))
+            losses.append([float(metrics[key]) for key in ("losses/model", "losses/actor", "losses/critic")])
+        results.append((torch.tensor(losses), [p.detach().clone() for p in agent.parameters()]))
+        if not graph:  # an eager run's checkpoint continues with the graph (step counts moved to the GPU)
+            eager_state = {k: v.state_dict() for k, v in optimizers.items()}
+    assert isinstance(update, dreamer.GraphedUpdate) and update.graph is not None
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for eager_param, graph_param in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(eager_param, graph_param)
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(eager_state[name])
+    dreamer.set_capturable(optimizers, True)
+    resumed = dreamer.make_update(agent, optimizers, args, device)
+    for _ in range(3):
+        assert torch.isfinite(resumed(replay.sample(4, 8, device))["losses/model"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # World model on a small pixel world with known dynamics
 # ----------------------------------------------------------------------------------------------------
