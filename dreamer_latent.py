@@ -39,10 +39,11 @@ Where this script differs from that reference and why:
 Speed on 2 CPU cores (AMD EPYC, torch 2.13.0+cpu; docs/dreamer_latent.md): one update of the default
 configuration (size S, 16 x 64 steps) takes 14.8 s (XS 7.1 s); acting alone (4 envs, size S) runs 228 env
 steps/s on pixel InvertedPendulum and 54 on dmc:walker-walk (software rendering). The paper's train ratio
-needs a GPU. On an NVIDIA H200 the eager update (0.22-0.28 s) is bound by launching its ~10k small kernels;
-captured as one CUDA graph (--cuda-graph, the default on CUDA) it takes 0.071 s, 0.056 s with TF32 matmuls
-(--tf32, default): 68 env frames/s at train ratio 512 (benchmarks/dreamer_speed.py). `--amp` (bfloat16
-autocast) gains 13 % inside the graph and loses eagerly; `--compile` of the RSSM steps gains 8 % eagerly.
+needs a GPU. On an NVIDIA H200 the eager update (0.22-0.29 s) is bound by launching its ~10k small kernels;
+captured as one CUDA graph (--cuda-graph, the default on CUDA) it takes 0.071 s (3.1x faster side by side),
+about 0.056 s with TF32 matmuls (--tf32, default): 68 env frames/s at train ratio 512
+(benchmarks/dreamer_speed.py). `--amp` (bfloat16 autocast) gains 13 % inside the graph and loses eagerly;
+`--compile` of the RSSM steps gains 8 % eagerly.
 """
 
 import copy
@@ -407,7 +408,7 @@ def straight_through_sample(probs: torch.Tensor) -> torch.Tensor:
     """A one-hot sample of each categorical whose gradient is that of `probs` (straight-through estimator)."""
     # inverse-CDF sampling: one uniform number per categorical (torch.multinomial is several times slower here)
     index = (probs.cumsum(-1) < torch.rand_like(probs[..., :1])).sum(-1).clamp(max=probs.shape[-1] - 1)
-    one_hot = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)  # (F.one_hot checks its input: a GPU sync)
+    one_hot = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
     return one_hot + probs - probs.detach()
 
 
@@ -623,15 +624,15 @@ class Actor(nn.Module):
         self.net = mlp(feat_dim, args.hidden_units, args.mlp_layers, act_dim if discrete else 2 * act_dim)
 
     def forward(self, feat: torch.Tensor) -> torch.distributions.Distribution:
-        # validate_args=False: the distributions' argument checks would wait for the GPU at every call
         out = self.net(feat)
+        check = not out.is_cuda  # the argument checks (e.g. no NaN) would wait for the GPU at every call
         if self.discrete:
             return torch.distributions.OneHotCategoricalStraightThrough(probs=unimix_probs(out, self.unimix),
-                                                                        validate_args=False)
+                                                                        validate_args=check)
         mean, std = out.chunk(2, -1)
         std = 0.9 * torch.sigmoid(std + 2.0) + 0.1
-        normal = torch.distributions.Normal(torch.tanh(mean), std, validate_args=False)
-        return torch.distributions.Independent(normal, 1, validate_args=False)
+        normal = torch.distributions.Normal(torch.tanh(mean), std, validate_args=check)
+        return torch.distributions.Independent(normal, 1, validate_args=check)
 
     def mode(self, feat: torch.Tensor) -> torch.Tensor:
         dist = self(feat)
@@ -663,7 +664,8 @@ class ReturnNormalizer(nn.Module):
         self.decay = decay
         self.register_buffer("low", torch.zeros(()))
         self.register_buffer("high", torch.zeros(()))
-        self.register_buffer("levels", torch.tensor([0.05, 0.95]), persistent=False)  # on the device: no copy per update
+        # the percentile levels live on the model's device: no host-to-device copy per update
+        self.register_buffer("levels", torch.tensor([0.05, 0.95]), persistent=False)
 
     def update(self, returns: torch.Tensor) -> torch.Tensor:
         quantiles = torch.quantile(returns.detach().flatten().float(), self.levels)
@@ -972,7 +974,8 @@ def load_checkpoint(path: str, args: Args) -> tuple[dict, Args]:
         writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
         raise ConfigError(f"--resume {path} was written by {writer}, not {SCRIPT}.py; resume it with that script")
     missing = [k for k in ["args", "agent", "optimizers", "counters", "rng"] if k not in ckpt]
-    missing += [f"args.{f.name}" for f in fields(Args) if f.name not in ckpt.get("args", {})]
+    missing += [f"args.{f.name}" for f in fields(Args)  # run-control flags come from the command line anyway
+                if f.name not in ckpt.get("args", {}) and f.name not in RUN_CONTROL_FIELDS]
     if missing:
         raise ConfigError(f"--resume {path} lacks {', '.join(missing)} (written by another version of {SCRIPT}.py?)")
     if ckpt["args"]["env_id"] != args.env_id:
@@ -1142,7 +1145,7 @@ def main(args: Args) -> dict:
             while counters["updates"] < counters["trained_steps"] * updates_per_step:
                 metrics = update(replay.sample(args.batch_size, args.batch_length, device))
                 counters["updates"] += 1
-            metrics["time/update_s"] = time.perf_counter() - t0
+            metrics["time/update_s"] = time.perf_counter() - t0  # of this step's updates (graph: launch, mostly)
         step = counters["env_steps"]
         counters["elapsed"] += time.perf_counter() - start
         start = time.perf_counter()

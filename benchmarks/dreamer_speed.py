@@ -62,7 +62,8 @@ def time_updates(args: dl.Args, act_dim: int, image_shape: tuple, updates: int, 
     for _ in range(1000):  # random images: the cost of an update does not depend on their content
         replay.add({"image": torch.randint(0, 256, (args.num_envs, *image_shape), dtype=torch.uint8),
                     "prev_action": torch.rand(args.num_envs, act_dim) * 2 - 1, "reward": torch.rand(args.num_envs),
-                    "is_first": torch.rand(args.num_envs) < 0.002, "is_terminal": torch.zeros(args.num_envs, dtype=bool)})
+                    "is_first": torch.rand(args.num_envs) < 0.002,
+                    "is_terminal": torch.zeros(args.num_envs, dtype=torch.bool)})
     for _ in range(3):  # warm-up (compilation, graph capture)
         update(replay.sample(args.batch_size, args.batch_length, device))
     sync(device)
@@ -118,6 +119,7 @@ def main():
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, TensorFloat-32 matmuls (dreamer_latent.py's default)")
     parser.add_argument("--csv", default=None, help="append the results to this CSV file")
+    parser.add_argument("--label", default="", help="first column of the CSV rows (e.g. which call measured them)")
     opts = parser.parse_args()
     device = torch.device(opts.device)
     if device.type == "cuda":
@@ -151,10 +153,11 @@ def main():
             with open(opts.csv, "a", newline="") as f:
                 writer = csv.writer(f)
                 if new:
-                    writer.writerow(["env_id", "model_size", "variant", "tf32", "s_per_update", "acting_fps",
-                                     "raw_env_fps", "loop_fps", "train_ratio", "num_envs", "hardware", "torch", "date"])
-                writer.writerow([opts.env_id, opts.model_size, variant, opts.tf32 and device.type == "cuda",
-                                 f"{update_s:.4f}", f"{acting:.0f}",
+                    writer.writerow(["label", "env_id", "model_size", "variant", "tf32", "s_per_update",
+                                     "acting_fps", "raw_env_fps", "loop_fps", "train_ratio", "num_envs", "hardware",
+                                     "torch", "date"])
+                writer.writerow([opts.label, opts.env_id, opts.model_size, variant,
+                                 opts.tf32 and device.type == "cuda", f"{update_s:.4f}", f"{acting:.0f}",
                                  f"{raw:.0f}", f"{loop:.2f}", f"{base.train_ratio:g}", base.num_envs, hardware,
                                  torch.__version__, time.strftime("%Y-%m-%d")])
 

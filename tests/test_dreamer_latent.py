@@ -140,7 +140,6 @@ def test_actor_loss_trains_the_actor_only_through_reparameterised_or_reinforce_g
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_updates_equal_eager_updates_also_after_an_eager_checkpoint():
     device = torch.device("cuda")
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     replay = dreamer.Replay(100, 2, (3, 16, 16), 3)
     torch.manual_seed(0)
     for _ in range(100):
@@ -156,9 +155,10 @@ def test_cuda_graph_updates_equal_eager_updates_also_after_an_eager_checkpoint()
         update = dreamer.make_update(agent, optimizers, args, device)
         torch.manual_seed(1)
         losses = []  # floats at once: a replay overwrites the graph's output tensors
-        for _ in range(5):  # graph: two eager updates (the second also records the graph), then three replays
-            metrics = update(replay.sample(4, 8, device))
-            losses.append([float(metrics[key]) for key in ("losses/model", "losses/actor", "losses/critic")])
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            for _ in range(5):  # graph: two eager updates (the second also records the graph), then three replays
+                metrics = update(replay.sample(4, 8, device))
+                losses.append([float(metrics[key]) for key in ("losses/model", "losses/actor", "losses/critic")])
         results.append((torch.tensor(losses), [p.detach().clone() for p in agent.parameters()]))
         if not graph:  # an eager run's checkpoint continues with the graph (step counts moved to the GPU)
             eager_state = {k: v.state_dict() for k, v in optimizers.items()}
@@ -169,9 +169,13 @@ def test_cuda_graph_updates_equal_eager_updates_also_after_an_eager_checkpoint()
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(eager_state[name])
     dreamer.set_capturable(optimizers, True)
+    first = next(iter(optimizers["model"].state.values()))
+    assert first["step"].device.type == "cuda" and first["step"].item() == 5  # Adam's counts and moments kept
+    torch.testing.assert_close(first["exp_avg"], eager_state["model"]["state"][0]["exp_avg"].to(device))
     resumed = dreamer.make_update(agent, optimizers, args, device)
     for _ in range(3):
         assert torch.isfinite(resumed(replay.sample(4, 8, device))["losses/model"])
+    assert first["step"].item() == 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,6 +279,8 @@ def test_smoke_run_writes_logs_checkpoint_with_replay_and_resumes(in_tmp):
     stored = ckpt["replay"]["size"]
     assert stored == first["replay"].size and ckpt["replay"]["data"]["image"].shape[1:] == (2, 3, 16, 16)
     assert ckpt["replay"]["data"]["is_first"][0].all()  # every stream starts with an episode's first step
+    del ckpt["args"]["cuda_graph"], ckpt["args"]["tf32"]  # a checkpoint from before these run-control flags
+    torch.save(ckpt, ckpt_path)
 
     second = dreamer.main(tiny(resume=ckpt_path, total_timesteps=300))
     assert os.path.abspath(second["run_dir"]) == os.path.abspath(first["run_dir"]) and 300 <= second["env_steps"] < 304
