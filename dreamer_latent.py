@@ -14,8 +14,9 @@ Algorithm (lecture: "Image-based model ... by modeling a compact latent space dy
 
 Headline benchmark (DMC walker-walk from pixels, model size S, train ratio 512, 1M env steps; needs the
 dm_control extra and, realistically, a GPU):  python dreamer_latent.py
-Small CPU configuration: none yet learns a MuJoCo task in minutes (pixel InvertedPendulum at 32x32 with a
-small model did not beat random after 1782 updates, docs/dreamer_latent.md); the tests' cheap pixel task
+Small CPU configuration: none yet learns a MuJoCo task in minutes. Pixel InvertedPendulum at 64x64 with a
+small model (benchmarks/configs/dreamer_latent.toml, cpu_pendulum) reached a mean-action return of 19.6 after
+1428 updates, which took an hour (random: 4; docs/dreamer_latent.md). The tests' cheap pixel task
 (tests/test_dreamer_latent.py, DotWorld) is learnt in ~35 s with 200 updates.
 
 Defaults are those of the paper and its first reference code (danijar/dreamerv3, configs.yaml, dmc_vision):
