@@ -6,7 +6,8 @@ machine affects all of them alike:
   - floor: a bare batched forward of the same ensemble over the same candidates (baddbmm + SiLU per layer,
            horizon x iterations times), i.e. the matmuls a planner cannot avoid;
   - matmul: GFLOP/s of one plain torch.matmul of similar size, the machine's fp32 rate;
-  - peer:  mbrl-lib's planner via ../shared/peers/mbrl_lib_pets_timing.py in its own venv (--peer-python).
+  - peer:  mbrl-lib's planner via ../shared/peers/mbrl_lib_pets_timing.py in its own venv (--peer-python), on the
+           same device (benchmarks/peer_compat.py moves it there).
 The planner's GFLOP/s counts the ensemble's matmul FLOPs per action (2 x rows x sum(in x out) x H x iters).
 
   python benchmarks/planner_speed.py --peer-python ~/venv-mbrl/bin/python --rounds 3
@@ -44,15 +45,15 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def time_ours(cfg: dict, actions: int, device: torch.device) -> float:
+def time_ours(cfg: dict, actions: int, device: torch.device, cuda_graph: bool) -> float:
     torch.manual_seed(0)
-    args = mpc.Args(**cfg)
+    args = mpc.Args(**cfg, cuda_graph=cuda_graph)
     model = mpc.DynamicsEnsemble(HALF_CHEETAH["obs_dim"], HALF_CHEETAH["act_dim"], args.ensemble_size,
                                  args.hidden_size, args.num_hidden_layers, args.probabilistic).to(device).eval()
     bound = torch.ones(HALF_CHEETAH["act_dim"], device=device)
     controller = mpc.MPCController(model, args, -bound, bound, None)
     obs = np.random.default_rng(0).standard_normal(HALF_CHEETAH["obs_dim"]).astype(np.float32)
-    controller.act(obs)  # warm-up
+    controller.act(obs)  # warm-up (and the recording of the CUDA graph)
     sync(device)
     start = time.perf_counter()
     for _ in range(actions):
@@ -105,10 +106,9 @@ def matmul_gflops(device: torch.device, rows: int = 10_000, width: int = 200, re
     return 2.0 * rows * width * width * repeats / (time.perf_counter() - start) / 1e9
 
 
-def time_peer(python: str, cfg: dict, actions: int) -> float:
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "peers",
-                          "mbrl_lib_pets_timing.py")
-    cmd = [python, os.path.abspath(script), "--pop", str(cfg["population_size"]), "--particles",
+def time_peer(python: str, script: str, cfg: dict, actions: int, device: torch.device) -> float:
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [python, os.path.join(here, "peer_compat.py"), str(device), os.path.abspath(script), "--pop", str(cfg["population_size"]), "--particles",
            str(cfg["num_particles"]), "--horizon", str(cfg["horizon"]), "--iters", str(cfg["cem_iterations"]),
            "--actions", str(actions)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd="/tmp").stdout
@@ -123,10 +123,14 @@ def sync(device: torch.device) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-python", default=None, help="python of the venv with mbrl-lib (skipped if absent)")
+    parser.add_argument("--peer-script", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                                 "shared", "peers", "mbrl_lib_pets_timing.py"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--actions", type=int, default=3, help="actions timed per round")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, ours replays each planning step as a CUDA graph (mbrl_mpc.py's default)")
     parser.add_argument("--csv", default=None, help="append the medians to this CSV file")
     opts = parser.parse_args()
     device = torch.device(opts.device)
@@ -135,18 +139,21 @@ def main():
     print("| config | ours ms/action | floor ms/action | mbrl-lib ms/action | speed-up vs mbrl-lib | "
           "ours GFLOP/s | matmul GFLOP/s | ours / matmul |")
     print("|---|---|---|---|---|---|---|---|")
+    eager_on_gpu = device.type == "cuda" and not opts.cuda_graph
     for name in opts.configs:
         cfg = CONFIGS[name]
         ours, floor, peer, matmul = [], [], [], []
         for _ in range(opts.rounds):
-            ours.append(time_ours(cfg, opts.actions, device))
+            ours.append(time_ours(cfg, opts.actions, device, opts.cuda_graph))
             floor.append(time_floor(cfg, opts.actions, device))
             matmul.append(matmul_gflops(device))
-            if opts.peer_python and device.type == "cpu":
-                peer.append(time_peer(opts.peer_python, cfg, opts.actions))
+            if opts.peer_python:
+                peer.append(time_peer(opts.peer_python, opts.peer_script, cfg, opts.actions, device))
         ours_ms, floor_ms, matmul_rate = statistics.median(ours), statistics.median(floor), statistics.median(matmul)
         peer_ms = statistics.median(peer) if peer else float("nan")
         gflops = flops_per_action(cfg) / ours_ms / 1e6
+        if eager_on_gpu:
+            name = f"{name} (no CUDA graph)"
         print(f"| {name} | {ours_ms:.0f} | {floor_ms:.0f} | {peer_ms:.0f} | {peer_ms / ours_ms:.2f}x | {gflops:.0f} | "
               f"{matmul_rate:.0f} | {gflops / matmul_rate:.0%} |", flush=True)
         if opts.csv:

@@ -125,6 +125,34 @@ def test_mpc_executes_the_first_action_and_warm_starts_from_the_shifted_plan():
     assert (controller.plan[:-1] > 2.5).all() and controller.plan[-1].item() == 1.0  # shifted, then the mid-point
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("planner", ["cem", "rs"])
+def test_cuda_graph_plans_equal_eager_plans_also_after_training_and_reset(planner):
+    device = torch.device("cuda")
+    planner_args = dict(planner=planner, horizon=5, population_size=64, num_elites=8, cem_iterations=3,
+                        num_particles=10)
+    torch.manual_seed(0)
+    model = mpc.DynamicsEnsemble(4, 2, 5, 32, 2, True).to(device).eval()
+    bound = torch.ones(2, device=device)
+    observations = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    runs = []
+    for graph in (False, True):
+        controller = mpc.MPCController(model, mpc.Args(**planner_args, cuda_graph=graph), -bound, bound,
+                                       mpc.TERMINATION_RULES["InvertedPendulum-v5"])
+        torch.manual_seed(1)
+        actions = [controller.act(obs) for obs in observations[:3]]
+        with torch.no_grad():  # the model changes in place, as training between episodes changes it
+            model.weights[0].mul_(1.5)
+        controller.reset()
+        actions += [controller.act(obs) for obs in observations[3:]]
+        with torch.no_grad():
+            model.weights[0].div_(1.5)
+        runs.append((np.stack(actions), controller.plan.clone()))
+    assert controller.graph is not None
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Ensemble fits a known nonlinear system; probabilistic members learn the noise level
 # ----------------------------------------------------------------------------------------------------
