@@ -1,7 +1,7 @@
 """Dreamer speed: gradient updates/s and env frames/s of dreamer_latent.py at its default configuration.
 
 Measures, for each variant (eager fp32, --amp, --compile, --compile --amp, the CUDA graph of the update with and
-without --amp; a variant without "graph" runs with --no-cuda-graph):
+without --amp or --compile; a variant without "graph" runs with --no-cuda-graph):
   - update: seconds per gradient update (world model + actor + critic) on a replayed batch of 16 x 64 steps,
             batches sampled from a filled replay buffer as in the training loop (sampling included);
   - acting: env frames/s of the vector env stepped by the batched policy (encoder + RSSM filter + actor);
@@ -49,8 +49,7 @@ def make_agent(args: dl.Args, act_dim: int, device: torch.device):
     """Agent and its update function, as dreamer_latent.main makes them."""
     agent = dl.Dreamer(args, act_dim, False).to(device)
     if args.compile:
-        agent.wm.rssm.obs_step = torch.compile(agent.wm.rssm.obs_step)
-        agent.wm.rssm.img_step = torch.compile(agent.wm.rssm.img_step)
+        dl.compile_rssm_steps(agent.wm.rssm)
     optimizers = dl.make_optimizers(agent, args, capturable=args.cuda_graph and device.type == "cuda")
     return agent, dl.make_update(agent, optimizers, args, device)
 
@@ -115,7 +114,8 @@ def main():
     parser.add_argument("--updates", type=int, default=20, help="timed updates per variant")
     parser.add_argument("--act-steps", type=int, default=200, help="timed vector-env steps")
     parser.add_argument("--variants", nargs="*", default=["eager"],
-                        choices=["eager", "amp", "compile", "compile+amp", "graph", "graph+amp"])
+                        choices=["eager", "amp", "compile", "compile+amp", "graph", "graph+amp", "compile+graph",
+                                 "compile+graph+amp"])
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, TensorFloat-32 matmuls (dreamer_latent.py's default)")
     parser.add_argument("--csv", default=None, help="append the results to this CSV file")

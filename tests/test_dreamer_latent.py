@@ -137,45 +137,69 @@ def test_actor_loss_trains_the_actor_only_through_reparameterised_or_reinforce_g
         assert actions.requires_grad and torch.autograd.grad(actions.sum(), agent.actor.net[-1].weight)[0].abs().sum() > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_updates_equal_eager_updates_also_after_an_eager_checkpoint():
-    device = torch.device("cuda")
+def filled_cuda_replay() -> dreamer.Replay:
     replay = dreamer.Replay(100, 2, (3, 16, 16), 3)
     torch.manual_seed(0)
     for _ in range(100):
         replay.add({"image": torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8),
                     "prev_action": torch.rand(2, 3) * 2 - 1, "reward": torch.rand(2),
                     "is_first": torch.rand(2) < 0.05, "is_terminal": torch.rand(2) < 0.02})
-    results = []
-    for graph in (False, True):
-        torch.manual_seed(0)
-        args = dreamer.with_model_size(tiny(device="cuda", cuda_graph=graph))
-        agent = dreamer.Dreamer(args, 3, False).to(device)
-        optimizers = dreamer.make_optimizers(agent, args, capturable=graph)
-        update = dreamer.make_update(agent, optimizers, args, device)
-        torch.manual_seed(1)
-        losses = []  # floats at once: a replay overwrites the graph's output tensors
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
-            for _ in range(5):  # graph: two eager updates (the second also records the graph), then three replays
-                metrics = update(replay.sample(4, 8, device))
-                losses.append([float(metrics[key]) for key in ("losses/model", "losses/actor", "losses/critic")])
-        results.append((torch.tensor(losses), [p.detach().clone() for p in agent.parameters()]))
-        if not graph:  # an eager run's checkpoint continues with the graph (step counts moved to the GPU)
-            eager_state = {k: v.state_dict() for k, v in optimizers.items()}
-    assert isinstance(update, dreamer.GraphedUpdate) and update.graph is not None
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for eager_param, graph_param in zip(results[0][1], results[1][1]):
+    return replay
+
+
+def five_updates(replay: dreamer.Replay, graph: bool, compile_steps: bool = False):
+    """Five updates of a tiny agent from seed 0 (graph: two eager ones, the second also recorded, then three
+    replays); returns their losses, the parameters after them, and the optimisers, update and agent."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    args = dreamer.with_model_size(tiny(device="cuda", cuda_graph=graph, compile=compile_steps))
+    agent = dreamer.Dreamer(args, 3, False).to(device)
+    if compile_steps:
+        dreamer.compile_rssm_steps(agent.wm.rssm)
+    optimizers = dreamer.make_optimizers(agent, args, capturable=graph)
+    update = dreamer.make_update(agent, optimizers, args, device)
+    torch.manual_seed(1)
+    losses = []  # floats at once: a replay overwrites the graph's output tensors
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for _ in range(5):
+            metrics = update(replay.sample(4, 8, device))
+            losses.append([float(metrics[key]) for key in ("losses/model", "losses/actor", "losses/critic")])
+    return torch.tensor(losses), [p.detach().clone() for p in agent.parameters()], optimizers, update, agent
+
+
+def assert_same_updates(eager: tuple, graphed: tuple) -> None:
+    assert isinstance(graphed[3], dreamer.GraphedUpdate) and graphed[3].graph is not None
+    torch.testing.assert_close(eager[0], graphed[0])
+    for eager_param, graph_param in zip(eager[1], graphed[1]):
         torch.testing.assert_close(eager_param, graph_param)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_updates_equal_eager_updates_also_after_an_eager_checkpoint():
+    replay = filled_cuda_replay()
+    eager, graphed = five_updates(replay, graph=False), five_updates(replay, graph=True)
+    assert_same_updates(eager, graphed)
+    # an eager run's checkpoint continues with the graph (step counts moved to the GPU)
+    optimizers, agent = graphed[2], graphed[4]
+    eager_state = {k: v.state_dict() for k, v in eager[2].items()}
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(eager_state[name])
     dreamer.set_capturable(optimizers, True)
     first = next(iter(optimizers["model"].state.values()))
     assert first["step"].device.type == "cuda" and first["step"].item() == 5  # Adam's counts and moments kept
-    torch.testing.assert_close(first["exp_avg"], eager_state["model"]["state"][0]["exp_avg"].to(device))
-    resumed = dreamer.make_update(agent, optimizers, args, device)
+    torch.testing.assert_close(first["exp_avg"], eager_state["model"]["state"][0]["exp_avg"].to(first["exp_avg"].device))
+    resumed = dreamer.make_update(agent, optimizers, dreamer.with_model_size(tiny(device="cuda")), torch.device("cuda"))
     for _ in range(3):
-        assert torch.isfinite(resumed(replay.sample(4, 8, device))["losses/model"])
+        assert torch.isfinite(resumed(replay.sample(4, 8, torch.device("cuda")))["losses/model"])
     assert first["step"].item() == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs a CUDA device and triton")
+def test_cuda_graph_of_compiled_rssm_steps_equals_their_eager_updates():
+    replay = filled_cuda_replay()
+    assert_same_updates(five_updates(replay, graph=False, compile_steps=True),
+                        five_updates(replay, graph=True, compile_steps=True))
 
 
 # ----------------------------------------------------------------------------------------------------
