@@ -343,7 +343,8 @@ def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sac_alone_learns_inverted_pendulum(in_tmp):
-    result = mbpo.main(mbpo.Args(env_id="InvertedPendulum-v5", real_ratio=1.0, total_timesteps=3000,
+    # seen at 2000 steps (~80 s here): random 5.7, 3.3, 5.9 and eval 180, 1000, 114 for seeds 1, 2, 3
+    result = mbpo.main(mbpo.Args(env_id="InvertedPendulum-v5", real_ratio=1.0, total_timesteps=2000,
                                  sac_hidden_size=64, eval_episodes=3, save_model=False))
     random_returns = result["episodic_returns"][:10]  # the 500 warm-up steps: uniform random actions
     assert np.mean(random_returns) < 30, random_returns

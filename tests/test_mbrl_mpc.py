@@ -321,7 +321,8 @@ def test_learns_inverted_pendulum_within_a_few_episodes(in_tmp):
 @pytest.mark.slow
 def test_beats_random_on_reacher(in_tmp):
     warmup = 5
-    result = mpc.main(mpc.Args(env_id="Reacher-v5", total_timesteps=750, init_random_episodes=warmup, **CPU_CONFIG))
+    result = mpc.main(mpc.Args(env_id="Reacher-v5", total_timesteps=600, init_random_episodes=warmup, **CPU_CONFIG))
     random_returns, mpc_returns = result["episodic_returns"][:warmup], result["episodic_returns"][warmup:]
-    # random actions: about -43 per 50-step episode (mostly control cost); a working planner: about -10
+    # random actions: about -43 per 50-step episode (mostly control cost); a working planner: about -10. Seen
+    # (2026-11-27), mean of the planned episodes 3-7 against random: -8.5 / -43.5, -7.2 / -43.4, -10.2 / -41.2 (seeds 1-3)
     assert np.mean(mpc_returns[-5:]) > np.mean(random_returns) + 25, (random_returns, mpc_returns)
