@@ -559,10 +559,11 @@ class RSSM(nn.Module):
         prior = self.dist(self.prior_net(deter))
         return deter, prior
 
-    def obs_step(self, deter, stoch, prev_action, embed, is_first):
-        """One filtering step; where is_first, the state and the previous action restart from the initial ones."""
+    def obs_step(self, deter, stoch, prev_action, embed, is_first, initial):
+        """One filtering step; where is_first, the state and the previous action restart from `initial`, the
+        initial state self.initial(1) (the same for every sequence: it broadcasts)."""
         keep = (~is_first).to(deter.dtype)[:, None]
-        init_deter, init_stoch = self.initial(1)  # the same for every sequence: broadcast
+        init_deter, init_stoch = initial
         deter = keep * deter + (1 - keep) * init_deter
         stoch = keep * stoch + (1 - keep) * init_stoch
         deter, prior = self.img_step(deter, stoch, keep * prev_action)
@@ -571,10 +572,12 @@ class RSSM(nn.Module):
 
     def observe(self, embed, prev_action, is_first):
         """Posterior states of sequences [B, T, ...] from the initial state; returns deter, stoch, post, prior [B, T, ...]."""
-        deter, stoch = self.initial(embed.shape[0])
+        initial = self.initial(1)  # once per sequence batch, not per step: its kernels would run T times
+        deter, stoch = (x.expand(embed.shape[0], -1) for x in initial)
         outs = []
         for t in range(embed.shape[1]):
-            deter, stoch, post, prior = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t], is_first[:, t])
+            deter, stoch, post, prior = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t], is_first[:, t],
+                                                      initial)
             outs.append((deter, stoch, post, prior))
         return [torch.stack(x, 1) for x in zip(*outs)]
 
@@ -892,7 +895,7 @@ class Policy:
         wm = self.agent.wm
         embed = wm.encoder(torch.as_tensor(image, device=self.device))
         deter, stoch, _, _ = wm.rssm.obs_step(*self.state, prev_action.to(self.device), embed,
-                                              torch.as_tensor(is_first, device=self.device))
+                                              torch.as_tensor(is_first, device=self.device), wm.rssm.initial(1))
         self.state = (deter, stoch)
         feat = torch.cat([deter, stoch], -1)
         return (self.agent.actor.mode(feat) if mode else self.agent.actor(feat).sample()).cpu()
