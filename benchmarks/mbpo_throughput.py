@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -28,9 +29,11 @@ PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
                     "mbrl_lib_mbpo_timing.py")
 
 
-def time_ours(env_id: str, steps: int, updates: int, hidden: int, device: str, seed: int) -> tuple[float, dict]:
+def time_ours(env_id: str, steps: int, updates: int, hidden: int, device: str, seed: int,
+              model_max_epochs: Optional[int] = None) -> tuple[float, dict]:
     args = mbpo.with_env_defaults(mbpo.Args(env_id=env_id, device=device, seed=seed, updates_per_step=updates,
-                                            sac_hidden_size=hidden, save_model=False, eval_episodes=0))
+                                            sac_hidden_size=hidden, save_model=False, eval_episodes=0,
+                                            model_max_epochs=model_max_epochs))
     args = mbpo.Args(**{**args.__dict__, "total_timesteps": args.init_exploration_steps + steps})
     start = time.perf_counter()
     result = mbpo.main(args)
@@ -38,8 +41,10 @@ def time_ours(env_id: str, steps: int, updates: int, hidden: int, device: str, s
 
 
 def time_peer(python: str, steps: int, updates: int, hidden: int) -> float:
-    out = subprocess.run([python, PEER, "--steps", str(steps), "--sac-updates", str(updates), "--sac-hidden",
-                          str(hidden)], capture_output=True, text=True, check=True, cwd="/tmp").stdout
+    """mbrl-lib's run through peer_compat.py, which also makes it keep all its data (see there)."""
+    compat = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_compat.py")
+    out = subprocess.run([python, compat, "cpu", PEER, "--steps", str(steps), "--sac-updates", str(updates),
+                          "--sac-hidden", str(hidden)], capture_output=True, text=True, check=True, cwd="/tmp").stdout
     return float(re.search(r"training steps in (\d+) s", out).group(1))
 
 
@@ -63,13 +68,18 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peer-python", default=None, help="python of the venv with mbrl-lib (Hopper, CPU only)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--model-max-epochs", type=int, default=None,
+                        help="cap ours' model training at this many epochs (equal work: mbrl-lib's own early stop "
+                             "ends after fewer epochs than the official MBPO rule ours follows)")
     parser.add_argument("--csv", default=None, help="append the results to this CSV file")
     opts = parser.parse_args()
     n1, n2 = opts.steps
     ours, peer, breakdown = [], [], {}
     for round_ in range(opts.rounds):
-        t1, _ = time_ours(opts.env_id, n1, opts.updates_per_step, opts.sac_hidden, opts.device, round_)
-        t2, breakdown = time_ours(opts.env_id, n2, opts.updates_per_step, opts.sac_hidden, opts.device, round_)
+        t1, _ = time_ours(opts.env_id, n1, opts.updates_per_step, opts.sac_hidden, opts.device, round_,
+                          opts.model_max_epochs)
+        t2, breakdown = time_ours(opts.env_id, n2, opts.updates_per_step, opts.sac_hidden, opts.device, round_,
+                                  opts.model_max_epochs)
         ours.append((t2 - t1) / (n2 - n1))
         print(f"round {round_}: ours {t1:.0f} s / {t2:.0f} s -> {ours[-1]:.3f} s per step; breakdown of the "
               f"{n2}-step run: " + ", ".join(f"{k} {v:.0f} s" for k, v in breakdown.items()), flush=True)
@@ -80,7 +90,8 @@ def main():
             print(f"round {round_}: mbrl-lib {p1:.0f} s / {p2:.0f} s -> {peer[-1]:.3f} s per step", flush=True)
     rows = [("mbrl_ensemble", statistics.median(ours))] + ([("mbrl-lib", statistics.median(peer))] if peer else [])
     where = hardware(opts.device)
-    print(f"\n{opts.env_id}, G={opts.updates_per_step}, SAC width {opts.sac_hidden}, {where}")
+    cap = f", ours' model training capped at {opts.model_max_epochs} epochs" if opts.model_max_epochs else ""
+    print(f"\n{opts.env_id}, G={opts.updates_per_step}, SAC width {opts.sac_hidden}{cap}, {where}")
     for name, seconds in rows:
         print(f"  {name:14s} {seconds:.3f} s per env step = {1 / seconds:.1f} env steps/s")
     if peer:
@@ -91,10 +102,10 @@ def main():
             writer = csv.writer(f)
             if new:
                 writer.writerow(["impl", "env", "updates_per_step", "sac_hidden", "s_per_step", "steps_per_s",
-                                 "rounds", "hardware"])
+                                 "rounds", "hardware", "ours_model_max_epochs"])
             for name, seconds in rows:
                 writer.writerow([name, opts.env_id, opts.updates_per_step, opts.sac_hidden, f"{seconds:.4f}",
-                                 f"{1 / seconds:.2f}", opts.rounds, where])
+                                 f"{1 / seconds:.2f}", opts.rounds, where, opts.model_max_epochs or ""])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ The peer scripts build mbrl-lib's objects with `"device": "cpu"`; this puts DEVI
 generator), so that mbrl-lib's planner runs on a GPU beside ours. Where mbrl-lib's own pins cannot be installed
 (hydra 1.0 does not import on Python >= 3.11, gymnasium 0.26 needs numpy's removed `np.bool8`), it runs with
 hydra >= 1.1, which instantiates nested configs itself unless told not to: mbrl-lib 0.2.0 instantiates them on its
-own, as under hydra 1.0, so they get `_recursive_: False`. Nothing in the timed work changes.
+own, as under hydra 1.0, so they get `_recursive_: False`. Nothing in the timed work changes, except for one fix:
+
+mbrl_lib_mbpo_timing.py sets mbrl-lib's `num_steps` to the N steps it times, and mbrl-lib sizes its replay buffer
+by `num_steps` when `dataset_size` is not given: mbrl-lib's model then trains on the last N transitions only (250
+or 750; seen by counting its model updates: 200 training rows), not on the 5000 + N a real run (num_steps 125000)
+holds. Here `dataset_size` is set to 5000 + N, so that mbrl-lib's model trains on the same data as in a real run.
 """
 
 import sys
@@ -23,6 +28,9 @@ def main():
         source = f.read()
     source = source.replace('"device": "cpu"', f'"device": "{device}"')
     source = source.replace('torch.Generator(device="cpu")', f'torch.Generator(device="{device}")')
+    buffer_bug = "cfg.overrides.num_steps = a.steps"
+    if buffer_bug in source:
+        source = source.replace(buffer_bug, buffer_bug + "; cfg.algorithm.dataset_size = explore + a.steps")
     import hydra
 
     if tuple(int(part) for part in hydra.__version__.split(".")[:2]) >= (1, 1):
