@@ -181,7 +181,7 @@ class Args:
     """on CUDA, capture the whole update as one CUDA graph after two eager updates and replay it (removes the
     launch cost of its ~10k small kernels, which eagerly takes several times their GPU time)"""
     compile: bool = False
-    """torch.compile the RSSM's step functions (with the CUDA graph, not together with --amp)"""
+    """torch.compile the RSSM's step functions (combines with the CUDA graph; --compile --amp needs --no-cuda-graph)"""
     amp: bool = False
     """bfloat16 autocast of the update on CUDA"""
     tf32: bool = True
@@ -1039,6 +1039,8 @@ def main(args: Args) -> dict:
     args = with_model_size(args)
     check_args(args)
     device = pick_device(args.device)
+    if device.type == "cuda":  # CUDA graphs record and replay on the current device: make it this one
+        torch.cuda.set_device(device)
     for wanted, module in [(args.capture_video, "moviepy"), (args.track, "wandb")]:
         if wanted and importlib.util.find_spec(module) is None:
             raise ConfigError(f"--{'capture-video' if module == 'moviepy' else 'track'} needs {module}: "

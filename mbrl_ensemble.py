@@ -783,6 +783,8 @@ def main(args: Args) -> dict:
     args = with_env_defaults(args)
     check_args(args)
     device = pick_device(args.device)
+    if device.type == "cuda":  # CUDA graphs record and replay on the current device: make it this one
+        torch.cuda.set_device(device)
     for wanted, module in [(args.capture_video, "moviepy"), (args.track, "wandb")]:
         if wanted and importlib.util.find_spec(module) is None:
             raise ConfigError(f"--{'capture-video' if module == 'moviepy' else 'track'} needs {module}: "

@@ -34,8 +34,9 @@ Where this script differs from PETS (kchua/handful-of-trials) and why:
   - Checkpoints are written at episode ends (a crash loses at most the current episode).
 Speed, measured side by side with mbrl-lib 0.2.0 on a 2-core AMD EPYC (docs/mbrl_mpc.md,
 benchmarks/planner_speed.py): PETS paper planner 5.1 s/action vs 8.4 s (1.64x), 77 GFLOP/s; the CPU
-configuration's planner 89 ms/action vs 120 ms (1.35x). On an NVIDIA H200, with each planning step replayed as
-a CUDA graph (`--cuda-graph`, default on CUDA): 32 ms/action vs mbrl-lib's 184 ms on the same GPU (5.7x).
+configuration's planner 89 ms/action vs 120 ms (1.35x; a rerun with more rounds: 122 vs 156 ms, 1.28x).
+On an NVIDIA H200, with each planning step replayed as a CUDA graph (`--cuda-graph`, default on CUDA):
+32 ms/action vs mbrl-lib's 184 ms on the same GPU (5.7x).
 """
 
 import importlib.util
@@ -133,8 +134,8 @@ class Args:
     """TS-inf particles per candidate (a multiple of ensemble_size)"""
 
 
-RUN_CONTROL_FIELDS = ("resume", "total_timesteps", "device", "cuda_graph", "track", "wandb_project_name", "wandb_entity",
-                      "capture_video", "save_model", "checkpoint_every", "eval_episodes")
+RUN_CONTROL_FIELDS = ("resume", "total_timesteps", "device", "cuda_graph", "track", "wandb_project_name",
+                      "wandb_entity", "capture_video", "save_model", "checkpoint_every", "eval_episodes")
 """Flags a resumed run takes from the command line; every other flag comes from the checkpoint."""
 
 
@@ -451,9 +452,10 @@ def random_shooting_plan(evaluate: Callable[[torch.Tensor], torch.Tensor], horiz
 class MPCController:
     """Re-plans at every real step and executes the first action; CEM starts from the shifted last plan.
 
-    On CUDA (`--cuda-graph`) one planning step, ~1000 small kernels for the PETS configuration (iterations x
-    horizon x layers), is recorded once as a CUDA graph and replayed for every action, so that the GPU no
-    longer waits for Python to launch each kernel. The graph reads the observation, the plan, the model's
+    On CUDA (`--cuda-graph`) one planning step, several thousand small kernels for the PETS configuration
+    (~28 per model step: normalisation, 5 matmuls, activations, log-variance bounds, sampling; x 30 steps x 5
+    iterations), is recorded once as a CUDA graph and replayed for every action, so that the GPU no longer
+    waits for Python to launch each kernel. The graph reads the observation, the plan, the model's
     parameters and its normalisers where they are, so training the model in place needs no new recording.
     """
 
@@ -627,6 +629,8 @@ def main(args: Args) -> dict:
         ckpt, args = load_checkpoint(args.resume, args)
         check_args(args)
     device = pick_device(args.device)
+    if device.type == "cuda":  # CUDA graphs record and replay on the current device: make it this one
+        torch.cuda.set_device(device)
     for wanted, module in [(args.capture_video, "moviepy"), (args.track, "wandb")]:
         if wanted and importlib.util.find_spec(module) is None:
             raise ConfigError(f"--{'capture-video' if module == 'moviepy' else 'track'} needs {module}: "

@@ -69,8 +69,9 @@ def main():
     parser.add_argument("--peer-python", default=None, help="python of the venv with mbrl-lib (Hopper, CPU only)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--model-max-epochs", type=int, default=None,
-                        help="cap ours' model training at this many epochs (equal work: mbrl-lib's own early stop "
-                             "ends after fewer epochs than the official MBPO rule ours follows)")
+                        help="cap ours' model training at this many epochs (default: train to early stop, the "
+                             "official rule: more than 5 epochs without a 1 %% held-out improvement; mbrl-lib stops "
+                             "after 5)")
     parser.add_argument("--csv", default=None, help="append the results to this CSV file")
     opts = parser.parse_args()
     n1, n2 = opts.steps

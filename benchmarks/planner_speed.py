@@ -108,9 +108,9 @@ def matmul_gflops(device: torch.device, rows: int = 10_000, width: int = 200, re
 
 def time_peer(python: str, script: str, cfg: dict, actions: int, device: torch.device) -> float:
     here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [python, os.path.join(here, "peer_compat.py"), str(device), os.path.abspath(script), "--pop", str(cfg["population_size"]), "--particles",
-           str(cfg["num_particles"]), "--horizon", str(cfg["horizon"]), "--iters", str(cfg["cem_iterations"]),
-           "--actions", str(actions)]
+    cmd = [python, os.path.join(here, "peer_compat.py"), str(device), os.path.abspath(script),
+           "--pop", str(cfg["population_size"]), "--particles", str(cfg["num_particles"]), "--horizon",
+           str(cfg["horizon"]), "--iters", str(cfg["cem_iterations"]), "--actions", str(actions)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd="/tmp").stdout
     return float(re.search(r"([\d.]+) ms/action", out).group(1))
 

@@ -187,8 +187,10 @@ def test_cuda_graph_updates_equal_eager_updates_also_after_an_eager_checkpoint()
     dreamer.set_capturable(optimizers, True)
     first = next(iter(optimizers["model"].state.values()))
     assert first["step"].device.type == "cuda" and first["step"].item() == 5  # Adam's counts and moments kept
-    torch.testing.assert_close(first["exp_avg"], eager_state["model"]["state"][0]["exp_avg"].to(first["exp_avg"].device))
-    resumed = dreamer.make_update(agent, optimizers, dreamer.with_model_size(tiny(device="cuda")), torch.device("cuda"))
+    eager_exp_avg = eager_state["model"]["state"][0]["exp_avg"]
+    torch.testing.assert_close(first["exp_avg"], eager_exp_avg.to(first["exp_avg"].device))
+    graph_args = dreamer.with_model_size(tiny(device="cuda", cuda_graph=True))
+    resumed = dreamer.make_update(agent, optimizers, graph_args, torch.device("cuda"))
     for _ in range(3):
         assert torch.isfinite(resumed(replay.sample(4, 8, torch.device("cuda")))["losses/model"])
     assert first["step"].item() == 8
