@@ -31,8 +31,8 @@ Where this script differs from the official MBPO code (TF1 on gym v2) and why:
   - Checkpoints are written at episode ends (so a resumed run repeats an uninterrupted one exactly);
     a crash loses at most `checkpoint_every` steps plus one episode.
 Speed (docs/mbrl_ensemble.md): on an NVIDIA H200 the G SAC updates of an env step run as one CUDA graph,
-0.51 ms per update instead of 4.7 (Hopper 47 env steps/s); on 2 CPU cores 1.85x mbrl-lib's env steps/s
-(Hopper, G = 20, SAC width 256, one round, mbrl-lib given the replay buffer of a real run).
+0.51 ms per update instead of 4.7 (Hopper 47 env steps/s); on 2 CPU cores 1.74x and 1.85x mbrl-lib's env steps/s
+in two runs (Hopper, G = 20, SAC width 256, mbrl-lib given the replay buffer of a real run).
 """
 
 import copy
