@@ -349,11 +349,12 @@ class RecurrentPolicy(nn.Module):
             return torch.distributions.Categorical(logits=out, validate_args=False)
         return torch.distributions.Normal(out, self.std().expand_as(out), validate_args=False)
 
-    def act(self, out: torch.Tensor, greedy: bool) -> torch.Tensor:
-        """An action from the head's output; the per-step path of sampling, so no distribution object."""
+    def act(self, out: torch.Tensor, greedy: bool, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """An action from the head's output; the per-step path of sampling, so no distribution object. A
+        Gaussian's sample is mean + noise, noise ~ N(0, std^2) drawn for the whole trial by run_trials."""
         if self.discrete:
             return out.argmax(-1) if greedy else torch.multinomial(out.softmax(-1), 1)[:, 0]
-        return out if greedy else out + self.std() * torch.randn_like(out)
+        return out if greedy else out + noise
 
     def std(self) -> torch.Tensor:
         return self.log_std.clamp(-5.0, 1.0).exp()
@@ -389,41 +390,52 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
                reset_hidden_each_episode: bool = False) -> dict:
     """One trial per slot: `episodes` episodes of `length` steps, the hidden state carried across episodes
     (reset only at the trial's start, or at every episode with reset_hidden_each_episode, for ablations).
-    Returns the GRU inputs, actions, log-probs, rewards, hidden states and the value baseline as [T, N, ...]
-    tensors (T = episodes x length) and the episode returns [N, episodes]."""
-    n = len(task_params)
+    Returns the GRU inputs, actions, log-probs, rewards and hidden states as [T, N, ...] tensors
+    (T = episodes x length) and the episode returns [N, episodes]. The value baseline is not needed to act:
+    ppo_update runs it over the finished trials."""
+    n, steps, obs_dim, act_dim = len(task_params), episodes * length, tasks.obs_dim, policy.act_dim
     tasks.set_tasks(task_params)
-    hidden = policy.initial_hidden(n, device)[0]
-    # x_t = [s_t, a_{t-1} (one-hot for a bandit), r_{t-1}, d_{t-1}]; zeros for what precedes a trial
-    prev = torch.zeros(n, policy.act_dim + 2, device=device)
-    inputs, actions, outs, rewards, hiddens = [], [], [], [], []
+    # x_t = [s_t, a_{t-1} (one-hot for a bandit), r_{t-1}, d_{t-1}], zeros for what precedes a trial. Each
+    # step writes its part into one [T + 1, N, input_dim] tensor (row T is never read): no per-step
+    # concatenation, and the trial's tensors need no stacking at the end.
+    inputs = torch.zeros(steps + 1, n, policy.input_dim, device=device)
+    prev_action, prev_reward = inputs[:, :, obs_dim:obs_dim + act_dim], inputs[:, :, -2]
+    inputs[length::length, :, -1] = 1.0  # d_{t-1} = 1 after each episode's last step (episodes end there)
+    hiddens = torch.empty(steps, n, policy.gru.hidden_size, device=device)
+    outs = torch.empty(steps, n, act_dim, device=device)
+    rewards = torch.empty(steps, n, device=device)
+    actions = torch.empty((steps, n) if policy.discrete else (steps, n, act_dim),
+                          dtype=torch.long if policy.discrete else torch.float32, device=device)
+    # the Gaussian's noise for the whole trial in one draw (a sampled action is mean + noise)
+    noise = None if policy.discrete or greedy else policy.std() * torch.randn(steps, n, act_dim, device=device)
     if not policy.discrete:  # the policy acts in [-1, 1] per dimension, scaled to the env's bounds
         low, high = tasks.action_space.low, tasks.action_space.high
         scale, offset = (high - low) / 2, (high + low) / 2
+    hidden = policy.initial_hidden(n, device)[0]
     for episode in range(episodes):
         obs = tasks.reset(seed=env_seeds if episode == 0 else None)
         if reset_hidden_each_episode and episode > 0:  # the ablation: every episode starts as a fresh trial
-            hidden, prev = policy.initial_hidden(n, device)[0], torch.zeros_like(prev)
-        for t in range(length):
-            x = torch.cat([torch.as_tensor(obs, device=device), prev], -1)
-            hiddens.append(hidden)
-            out, hidden = policy.step(x, hidden)
-            action = policy.act(out, greedy)
+            hidden = policy.initial_hidden(n, device)[0]
+            inputs[episode * length, :, obs_dim:] = 0.0
+        for i in range(episode * length, (episode + 1) * length):
+            inputs[i, :, :obs_dim] = torch.from_numpy(obs)
+            hiddens[i] = hidden
+            out, hidden = policy.step(inputs[i], hidden)
+            outs[i] = out
+            actions[i] = action = policy.act(out, greedy, None if noise is None else noise[i])
             action_np = action.cpu().numpy()
-            obs, reward = tasks.step(action_np if policy.discrete else np.clip(action_np, -1, 1) * scale + offset)
-            inputs.append(x)
-            actions.append(action)
-            outs.append(out)
-            rewards.append(torch.as_tensor(reward, device=device))
-            done = torch.full((n, 1), float(t == length - 1), device=device)  # episodes end at their last step
-            prev = torch.cat([nn.functional.one_hot(action, policy.act_dim).float() if policy.discrete
-                              else action.clamp(-1, 1), rewards[-1][:, None], done], -1)
-    stacked = {k: torch.stack(v) for k, v in [("inputs", inputs), ("actions", actions), ("rewards", rewards),
-                                              ("hiddens", hiddens)]}
-    stacked["log_probs"] = policy.log_prob(policy.distribution(torch.stack(outs)), stacked["actions"])
-    stacked["values"] = policy.value(stacked["inputs"])
-    stacked["episode_returns"] = stacked["rewards"].reshape(episodes, length, n).sum(1).T.cpu()
-    return stacked
+            if policy.discrete:
+                obs, reward = tasks.step(action_np)
+                prev_action[i + 1] = nn.functional.one_hot(action, act_dim)
+            else:
+                action_np = np.clip(action_np, -1, 1)
+                obs, reward = tasks.step(action_np * scale + offset)
+                prev_action[i + 1] = torch.from_numpy(action_np)
+            rewards[i] = prev_reward[i + 1] = torch.from_numpy(reward)
+    trial = {"inputs": inputs[:steps], "actions": actions, "rewards": rewards, "hiddens": hiddens}
+    trial["log_probs"] = policy.log_prob(policy.distribution(outs), actions)
+    trial["episode_returns"] = rewards.reshape(episodes, length, n).sum(1).T.cpu()
+    return trial
 
 
 def trial_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -442,8 +454,10 @@ def trial_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, 
 
 def ppo_update(policy: RecurrentPolicy, optimizer: torch.optim.Optimizer, batch: dict, args: Args) -> dict:
     """PPO over recurrent minibatches of whole trials; each replays its trials from a zero hidden state."""
-    advantages = trial_advantages(batch["rewards"], batch["values"], args.gamma, args.gae_lambda)
-    returns = advantages + batch["values"]
+    with torch.no_grad():
+        values = policy.value(batch["inputs"])  # V(x_1..x_t) of the sampled trials, before the update
+    advantages = trial_advantages(batch["rewards"], values, args.gamma, args.gae_lambda)
+    returns = advantages + values
     n = batch["rewards"].shape[1]
     stats = []
     for _ in range(args.update_epochs):
