@@ -21,8 +21,9 @@ Small CPU configurations (a few minutes each on 2 cores; docs/rl2_recurrent.md):
 Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage) and why:
   - PPO (clip 0.2, GAE lambda 0.95, gamma 0.99, Adam 1e-3, 10 epochs, as garage's RL2PPO) instead of the
     paper's first-order TRPO. On MuJoCo tasks all trials form one minibatch, as in garage's HalfCheetah
-    example (10 Adam steps per update); 4 minibatches there (40 steps) drove PPO's clip fraction to 0.5. The value baseline is a GRU of its own like the paper's (garage: a linear
-    feature baseline), trained by the same optimiser step with its own gradient-norm clip.
+    example (10 Adam steps per update); 4 minibatches there (40 steps) drove PPO's clip fraction to 0.5.
+    The value baseline is a GRU of its own like the paper's (garage: a linear feature baseline), trained by
+    the same optimiser step with its own gradient-norm clip.
   - Continuous actions are sampled in [-1, 1] units per dimension and scaled to the env's bounds (clipped
     when sent to the env; navigation2d's bounds are +-0.1).
   - The policy's state-independent log-std is clamped to [-5, 1] (unbounded, the entropy bonus could grow it
