@@ -354,7 +354,8 @@ class RecurrentPolicy(nn.Module):
 
     def act(self, out: torch.Tensor, greedy: bool, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """An action from the head's output; the per-step path of sampling, so no distribution object. A
-        Gaussian's sample is mean + noise, noise ~ N(0, std^2) drawn for the whole trial by run_trials."""
+        sampled Gaussian action is mean + noise, so `noise` ~ N(0, std^2) is required then (run_trials draws it
+        for the whole trial at once)."""
         if self.discrete:
             return out.argmax(-1) if greedy else torch.multinomial(out.softmax(-1), 1)[:, 0]
         return out if greedy else out + noise

@@ -355,7 +355,7 @@ def test_sac_alone_learns_inverted_pendulum(in_tmp):
 def test_mbpo_solves_inverted_pendulum_within_a_few_thousand_steps(in_tmp):
     # the official InvertedPendulum config (500 random steps, G = 10, epochs of 250 steps); seen: 1000 from 2250 on
     # (seed 1; the CPU sweep's 3 seeds from 2500 on, docs/mbrl_ensemble.md), but on 2026-11-27 seed 1 evaluated
-    # 54.7 at 2500 steps and 1000 at 3000 (same torch/mujoco/gymnasium versions): 3000 steps, ~3-4 min here
+    # 54.7 at 2500 steps and 1000 at 3000 (cause of the change not found): 3000 steps, ~3-4 min here
     result = mbpo.main(mbpo.Args(env_id="InvertedPendulum-v5", total_timesteps=3000, eval_episodes=3,
                                  save_model=False))
     random_returns = result["episodic_returns"][:10]
