@@ -24,6 +24,12 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
     example (10 Adam steps per update); 4 minibatches there (40 steps) drove PPO's clip fraction to 0.5.
     The value baseline is a GRU of its own like the paper's (garage: a linear feature baseline), trained by
     the same optimiser step with its own gradient-norm clip.
+  - MuJoCo families standardise the observations (running mean and std of the training trials, fixed during
+    a trial) and scale PPO's rewards by the running std of the trials' discounted returns, as CleanRL's PPO
+    does with gymnasium's wrappers; neither the paper nor garage does. Without them HalfCheetahVel did not
+    learn in 1M steps: its value targets (about -100 from the first update) were out of the value head's reach
+    and the policy's entropy drifted up (docs/rl2_recurrent.md). `--normalize-obs False --scale-rewards False`
+    switch them off.
   - Continuous actions are sampled in [-1, 1] units per dimension and scaled to the env's bounds (clipped
     when sent to the env; navigation2d's bounds are +-0.1).
   - The policy's state-independent log-std is clamped to [-5, 1] (unbounded, the entropy bonus could grow it
@@ -106,6 +112,12 @@ class Args:
     # recurrent policy
     hidden_size: int = 256
     """GRU units (paper 256; garage's HalfCheetah example 64)"""
+    normalize_obs: Optional[bool] = None
+    """feed the GRUs observations standardised by running statistics of the training trials (default: on
+    for MuJoCo families, off for bandit and navigation2d)"""
+    scale_rewards: Optional[bool] = None
+    """PPO sees rewards divided by the running std of the trials' discounted returns; the GRUs' reward input
+    stays raw (default: on for MuJoCo families, off for bandit and navigation2d)"""
 
     # PPO on whole trials
     learning_rate: float = 1e-3
@@ -135,11 +147,12 @@ RUN_CONTROL_FIELDS = ("resume", "total_timesteps", "device", "track", "wandb_pro
 
 TASK_DEFAULTS = {  # our choices where neither the paper nor garage fixes a value (see the docstring)
     "bandit": dict(total_timesteps=5_000_000, episodes_per_trial=10, episode_length=1, num_trials=500,
-                   num_minibatches=4),
+                   num_minibatches=4, normalize_obs=False, scale_rewards=False),
     "navigation2d": dict(total_timesteps=5_000_000, episodes_per_trial=2, episode_length=100, num_trials=64,
-                         num_minibatches=4),
+                         num_minibatches=4, normalize_obs=False, scale_rewards=False),
     **{family: dict(total_timesteps=20_000_000, episodes_per_trial=2, episode_length=200, num_trials=20,
-                    num_minibatches=1) for family in ["HalfCheetahVel", "HalfCheetahDir", "AntDir"]},
+                    num_minibatches=1, normalize_obs=True, scale_rewards=True)
+       for family in ["HalfCheetahVel", "HalfCheetahDir", "AntDir"]},
 }
 
 
@@ -315,12 +328,36 @@ def make_tasks(args: Args, num_envs: int, render: bool = False):
     return family(num_envs, args.episode_length, render)
 
 
+class RunningMeanStd(nn.Module):
+    """Mean and variance of everything seen so far, updated a batch at a time (Chan et al.'s parallel
+    formula); buffers, so they travel with the policy's state_dict into checkpoints."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("count", torch.tensor(1e-4))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, *self.mean.shape)
+        batch_mean, batch_var, batch_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, total = batch_mean - self.mean, self.count + batch_count
+        self.var.copy_((self.var * self.count + batch_var * batch_count
+                        + delta.square() * self.count * batch_count / total) / total)
+        self.mean.add_(delta * batch_count / total)
+        self.count.copy_(total)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The recurrent policy: x_t = [s_t, a_{t-1}, r_{t-1}, d_{t-1}] -> GRU -> (policy head, value head)
 # ----------------------------------------------------------------------------------------------------
 class RecurrentPolicy(nn.Module):
-    def __init__(self, obs_dim: int, action_space: gym.Space, hidden_size: int):
+    def __init__(self, obs_dim: int, action_space: gym.Space, hidden_size: int, normalize_obs: bool = False):
         super().__init__()
+        self.normalize_obs = normalize_obs
+        self.obs_rms = RunningMeanStd((obs_dim,))  # of the training trials' observations (if normalize_obs)
+        self.return_rms = RunningMeanStd(())  # of their discounted returns-to-go (if the rewards are scaled)
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         self.act_dim = int(action_space.n) if self.discrete else action_space.shape[0]
         self.input_dim = obs_dim + self.act_dim + 2  # one-hot previous action for a bandit
@@ -334,6 +371,12 @@ class RecurrentPolicy(nn.Module):
             self.log_std = nn.Parameter(torch.full((self.act_dim,), -0.5))
             nn.init.orthogonal_(self.policy_head.weight, 0.01)  # start near the zero action
             nn.init.zeros_(self.policy_head.bias)
+
+    def observation_input(self, obs: torch.Tensor) -> torch.Tensor:
+        """The s_t part of the GRUs' input: standardised with statistics that stay fixed during a trial."""
+        if not self.normalize_obs:
+            return obs
+        return ((obs - self.obs_rms.mean) / (self.obs_rms.var + 1e-8).sqrt()).clamp(-10.0, 10.0)
 
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs [T, N, input_dim], hidden [1, N, H] -> (logits or Gaussian means [T, N, act_dim], last hidden)."""
@@ -394,7 +437,7 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
                reset_hidden_each_episode: bool = False) -> dict:
     """One trial per slot: `episodes` episodes of `length` steps, the hidden state carried across episodes
     (reset only at the trial's start, or at every episode with reset_hidden_each_episode, for ablations).
-    Returns the GRU inputs, actions, log-probs, rewards and hidden states as [T, N, ...] tensors
+    Returns the GRU inputs, raw observations, actions, log-probs, rewards and hidden states as [T, N, ...] tensors
     (T = episodes x length) and the episode returns [N, episodes]. The value baseline is not needed to act:
     ppo_update runs it over the finished trials."""
     n, steps, obs_dim, act_dim = len(task_params), episodes * length, tasks.obs_dim, policy.act_dim
@@ -405,6 +448,7 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
     inputs = torch.zeros(steps + 1, n, policy.input_dim, device=device)
     prev_action, prev_reward = inputs[:, :, obs_dim:obs_dim + act_dim], inputs[:, :, -2]
     inputs[length::length, :, -1] = 1.0  # d_{t-1} = 1 after each episode's last step (episodes end there)
+    observations = torch.empty(steps, n, obs_dim, device=device)
     hiddens = torch.empty(steps, n, policy.gru.hidden_size, device=device)
     outs = torch.empty(steps, n, act_dim, device=device)
     rewards = torch.empty(steps, n, device=device)
@@ -422,7 +466,8 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
             hidden = policy.initial_hidden(n, device)[0]
             inputs[episode * length, :, obs_dim:] = 0.0
         for i in range(episode * length, (episode + 1) * length):
-            inputs[i, :, :obs_dim] = torch.from_numpy(obs)
+            observations[i] = torch.from_numpy(obs)
+            inputs[i, :, :obs_dim] = policy.observation_input(observations[i])
             hiddens[i] = hidden
             out, hidden = policy.step(inputs[i], hidden)
             outs[i] = out
@@ -436,7 +481,8 @@ def run_trials(policy: RecurrentPolicy, tasks, task_params: np.ndarray, episodes
                 obs, reward = tasks.step(action_np * scale + offset)
                 prev_action[i + 1] = torch.from_numpy(action_np)
             rewards[i] = prev_reward[i + 1] = torch.from_numpy(reward)
-    trial = {"inputs": inputs[:steps], "actions": actions, "rewards": rewards, "hiddens": hiddens}
+    trial = {"inputs": inputs[:steps], "observations": observations, "actions": actions, "rewards": rewards,
+             "hiddens": hiddens}
     trial["log_probs"] = policy.log_prob(policy.distribution(outs), actions)
     trial["episode_returns"] = rewards.reshape(episodes, length, n).sum(1).T.cpu()
     return trial
@@ -458,9 +504,13 @@ def trial_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float, 
 
 def ppo_update(policy: RecurrentPolicy, optimizer: torch.optim.Optimizer, batch: dict, args: Args) -> dict:
     """PPO over recurrent minibatches of whole trials; each replays its trials from a zero hidden state."""
+    rewards = batch["rewards"]
+    if args.scale_rewards:  # value targets of about unit scale, whatever the task's reward scale
+        policy.return_rms.update(trial_advantages(rewards, torch.zeros_like(rewards), args.gamma, 1.0))
+        rewards = rewards / (policy.return_rms.var + 1e-8).sqrt()
     with torch.no_grad():
         values = policy.value(batch["inputs"])  # V(x_1..x_t) of the sampled trials, before the update
-    advantages = trial_advantages(batch["rewards"], values, args.gamma, args.gae_lambda)
+    advantages = trial_advantages(rewards, values, args.gamma, args.gae_lambda)
     returns = advantages + values
     n = batch["rewards"].shape[1]
     stats = []
@@ -663,7 +713,7 @@ def main(args: Args) -> dict:
     task_rng = np.random.default_rng(args.seed)  # training tasks
     eval_task_params = tasks.sample_tasks(args.eval_tasks, np.random.default_rng(args.seed + 10_000))
 
-    policy = RecurrentPolicy(tasks.obs_dim, tasks.action_space, args.hidden_size).to(device)
+    policy = RecurrentPolicy(tasks.obs_dim, tasks.action_space, args.hidden_size, args.normalize_obs).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     steps_per_update = args.num_trials * args.episodes_per_trial * args.episode_length
     global_step, update, elapsed = 0, 0, 0.0
@@ -713,6 +763,8 @@ def main(args: Args) -> dict:
                            env_seeds=seeds)
         t1 = time.perf_counter()
         losses = ppo_update(policy, optimizer, batch, args)
+        if args.normalize_obs:  # for the next trials: each trial is normalised by one fixed set of statistics
+            policy.obs_rms.update(batch["observations"])
         t2 = time.perf_counter()
         global_step += steps_per_update
         update += 1

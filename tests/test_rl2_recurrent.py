@@ -2,6 +2,7 @@
 paper's table, smoke/resume/bad input, and learning on bandits and 2D navigation."""
 import importlib.util
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -78,6 +79,49 @@ def test_advantages_run_across_episode_boundaries_but_stop_at_the_trial_end():
     a0 = 1.4 + 0.72 * a1
     advantages = rl2.trial_advantages(rewards, values, gamma=0.9, lam=0.8)
     torch.testing.assert_close(advantages[:, 0], torch.tensor([a0, a1, a2, a3]))
+
+
+def test_running_statistics_equal_those_of_all_batches_at_once():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 5.0, (n, 4)) for n in [7, 100, 1]]
+    stats = rl2.RunningMeanStd((4,))
+    for batch in batches:
+        stats.update(torch.tensor(batch, dtype=torch.float32))
+    everything = np.concatenate(batches)
+    np.testing.assert_allclose(stats.mean.numpy(), everything.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(stats.var.numpy(), everything.var(0), rtol=1e-3)
+
+
+def test_normalised_observations_use_statistics_fixed_for_the_whole_trial():
+    torch.manual_seed(0)
+    tasks = rl2.make_tasks(rl2.with_task_defaults(rl2.Args(task="navigation2d")), 4)
+    policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, 8, normalize_obs=True)
+    policy.obs_rms.update(torch.tensor([[1.0, -2.0], [3.0, 2.0]]))  # mean (2, 0), std (1, 2)
+    trial = rl2.run_trials(policy, tasks, tasks.sample_tasks(4, np.random.default_rng(0)), 2, 5, CPU)
+    expected = ((trial["observations"] - torch.tensor([2.0, 0.0])) / torch.tensor([1.0, 2.0])).clamp(-10, 10)
+    torch.testing.assert_close(trial["inputs"][..., :2], expected, atol=1e-3, rtol=0)  # the 1e-4 prior count
+    assert trial["observations"].abs().max() > 0  # the robot moved: raw observations are what the stats see
+
+
+def test_scaled_rewards_make_the_update_independent_of_the_reward_scale():
+    # the same trials with rewards x 1 and x 1000 give the same PPO step when rewards are scaled by the
+    # running std of the returns (and a different one without), so one set of PPO settings fits every task
+    torch.manual_seed(0)
+    args = rl2.with_task_defaults(rl2.Args(task="navigation2d", episode_length=5, update_epochs=2))
+    tasks = rl2.make_tasks(args, 8)
+    trial = rl2.run_trials(rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, 8), tasks,
+                           tasks.sample_tasks(8, np.random.default_rng(0)), 2, 5, CPU)
+
+    def updated_parameters(scale_rewards: bool, reward_scale: float) -> torch.Tensor:
+        torch.manual_seed(1)
+        policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, 8)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+        rl2.ppo_update(policy, optimizer, {**trial, "rewards": trial["rewards"] * reward_scale},
+                       replace(args, scale_rewards=scale_rewards))
+        return torch.cat([p.detach().flatten() for p in policy.parameters()])
+
+    torch.testing.assert_close(updated_parameters(True, 1.0), updated_parameters(True, 1000.0), atol=1e-5, rtol=0)
+    assert (updated_parameters(False, 1.0) - updated_parameters(False, 1000.0)).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("arms, pulls, paper", [(5, 10, {"random": 5.0, "greedy": 6.6, "ucb1": 6.7, "thompson": 5.7}),
