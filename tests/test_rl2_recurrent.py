@@ -161,6 +161,18 @@ def test_smoke_run_writes_logs_checkpoint_and_resume_equals_an_uninterrupted_run
     assert rl2.main(tiny(seed=4))["train_trial_returns"] != straight["train_trial_returns"]
 
 
+def test_resume_keeps_the_observation_and_return_statistics(in_tmp):
+    mujoco = dict(task="HalfCheetahVel", num_trials=2, num_minibatches=1, episode_length=10, episodes_per_trial=2,
+                  eval_tasks=2)  # 40 steps per update; observations normalised and rewards scaled by default
+    straight = rl2.main(tiny(**mujoco, total_timesteps=160))
+    first = rl2.main(tiny(**mujoco, total_timesteps=80))
+    resumed = rl2.main(tiny(**mujoco, total_timesteps=160, resume=os.path.join(first["run_dir"], "rl2_recurrent.pt")))
+    assert resumed["train_trial_returns"] == straight["train_trial_returns"][2:]
+    for name, value in straight["policy"].state_dict().items():
+        assert torch.equal(resumed["policy"].state_dict()[name], value), name
+    assert straight["policy"].obs_rms.count > 100 and straight["policy"].return_rms.count > 100
+
+
 def test_env_copies_do_not_repeat_mujocos_compiler_warnings(capfd):
     rl2.HalfCheetahVel(4, 10)
     assert capfd.readouterr().err.count("settotalmass") == 1  # the first env's, not one per slot
