@@ -25,8 +25,10 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
     The value baseline is a GRU of its own like the paper's (garage: a linear feature baseline), trained by
     the same optimiser step with its own gradient-norm clip.
   - MuJoCo families standardise the observations (running mean and std of the training trials, fixed during
-    a trial) and scale PPO's rewards by the running std of the trials' discounted returns, as CleanRL's PPO
-    does with gymnasium's wrappers; neither the paper nor garage does. Without them HalfCheetahVel did not
+    a trial; the first batch, with no statistics yet, sees raw ones) and scale PPO's rewards by the running
+    std of the trials' discounted returns-to-go, in the spirit of CleanRL's PPO with gymnasium's
+    NormalizeObservation / NormalizeReward (those update every step, track a forward discounted sum and clip
+    the scaled reward to +-10); neither the paper nor garage does either. Without them HalfCheetahVel did not
     learn in 1M steps: its value targets (about -100 from the first update) were out of the value head's reach
     and the policy's entropy drifted up (docs/rl2_recurrent.md). `--normalize-obs False --scale-rewards False`
     switch them off.

@@ -116,8 +116,11 @@ def test_scaled_rewards_make_the_update_independent_of_the_reward_scale():
         torch.manual_seed(1)
         policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, 8)
         optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
-        rl2.ppo_update(policy, optimizer, {**trial, "rewards": trial["rewards"] * reward_scale},
-                       replace(args, scale_rewards=scale_rewards))
+        rewards = trial["rewards"] * reward_scale
+        rl2.ppo_update(policy, optimizer, {**trial, "rewards": rewards}, replace(args, scale_rewards=scale_rewards))
+        if scale_rewards:  # the scale is the std of the discounted returns-to-go, not of single rewards
+            returns_to_go = rl2.trial_advantages(rewards, torch.zeros_like(rewards), args.gamma, 1.0)
+            torch.testing.assert_close(policy.return_rms.var, returns_to_go.var(unbiased=False), rtol=1e-3, atol=0)
         return torch.cat([p.detach().flatten() for p in policy.parameters()])
 
     torch.testing.assert_close(updated_parameters(True, 1.0), updated_parameters(True, 1000.0), atol=1e-5, rtol=0)
@@ -170,7 +173,8 @@ def test_resume_keeps_the_observation_and_return_statistics(in_tmp):
     assert resumed["train_trial_returns"] == straight["train_trial_returns"][2:]
     for name, value in straight["policy"].state_dict().items():
         assert torch.equal(resumed["policy"].state_dict()[name], value), name
-    assert straight["policy"].obs_rms.count > 100 and straight["policy"].return_rms.count > 100
+    assert straight["policy"].normalize_obs and straight["policy"].obs_rms.count > 100
+    assert straight["policy"].return_rms.count > 100
 
 
 def test_env_copies_do_not_repeat_mujocos_compiler_warnings(capfd):
