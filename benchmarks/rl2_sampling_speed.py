@@ -52,7 +52,7 @@ def main():
     args = rl2.with_task_defaults(rl2.Args(task=opts.task, num_trials=opts.num_trials, hidden_size=opts.hidden_size,
                                            device="cpu"))
     tasks = rl2.make_tasks(args, args.num_trials)
-    policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, args.hidden_size)
+    policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, args.hidden_size, args.normalize_obs)  # as main
     rows = []
     for i in range(opts.rounds):
         raw = raw_steps_per_s(tasks, args.episodes_per_trial, args.episode_length, i)
