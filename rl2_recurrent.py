@@ -40,10 +40,14 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
     (terminate_when_unhealthy=False, as MAML's and ProMP's AntDir), navigation2d never stops at the goal.
   - Returns run across the episodes of a trial; the paper's value baseline and garage's fit per-episode
     returns, ours fits the trial's return (the done flag is an input, so it can tell where it is).
-  - Bandits use PPO with GAE lambda 0.95 like the other tasks (a replication used TRPO with lambda 0.3); the
-    Gittins index is not among the evaluator's baselines (random, greedy, UCB1, Thompson sampling are).
+  - Bandits use PPO with GAE lambda 0.95 and an entropy bonus like the other tasks (the authors' final bandit
+    launcher, below: lambda 1, no entropy bonus; a replication used TRPO with lambda 0.3); the Gittins index
+    is not among the evaluator's baselines (random, greedy, UCB1, Thompson sampling are).
   - Training budgets and trials per update (TASK_DEFAULTS) are our choices: the paper's appendix was not
-    available to us and garage's example runs 10 trials of 4 x 100 steps for 10 updates only.
+    available to us and garage's example runs 10 trials of 4 x 100 steps for 10 updates only. The authors'
+    launcher "MAB final run" (florensacc/rllab-curriculum, sandbox/rocky/neural_learner/launchers/102016/
+    1019/mab_9.py) trained every (k, n) with 250 000 steps per iteration for 500 iterations (125M steps),
+    gamma 0.99, GRU 128, clipped-ratio SGD with a KL line search (mean KL 0.01); our bandit default is 5M.
   - Meta-test trials act greedily (argmax / mean action, this project's evaluation convention); training
     trials sample. `eval/return` is the meta-test return of a trial's last episode.
 """
