@@ -36,7 +36,8 @@ def main():
         reset = rl2.meta_test(policy, args, params, device, reset_hidden_each_episode=True).mean(0)
         rows.append((path, ckpt["global_step"], carried, reset))
     episodes = len(rows[0][2])
-    print("| checkpoint | env steps | " + " | ".join(f"episode {k + 1}: carried / reset" for k in range(episodes)) + " |")
+    header = " | ".join(f"episode {k + 1}: carried / reset" for k in range(episodes))
+    print(f"| checkpoint | env steps | {header} |")
     print("|---|---|" + "---|" * episodes)
     for path, step, carried, reset in rows:
         cells = " | ".join(f"{c:.1f} / {r:.1f}" for c, r in zip(carried, reset))
