@@ -25,7 +25,11 @@ def main():
     device = torch.device("cpu")
     rows = []
     for path in opts.checkpoints:
+        if not os.path.isfile(path):
+            parser.error(f"{path}: no such file")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or ckpt.get("script") != rl2.SCRIPT:
+            parser.error(f"{path} is not a checkpoint of {rl2.SCRIPT}.py")
         args = rl2.Args(**ckpt["args"])  # the run's own flags
         tasks = rl2.make_tasks(args, 1)
         policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, args.hidden_size, args.normalize_obs)
