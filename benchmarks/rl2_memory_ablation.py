@@ -27,10 +27,19 @@ def main():
     for path in opts.checkpoints:
         if not os.path.isfile(path):
             parser.error(f"{path}: no such file")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - any unreadable file gets the same one line
+            ckpt = None
         if not isinstance(ckpt, dict) or ckpt.get("script") != rl2.SCRIPT:
             parser.error(f"{path} is not a checkpoint of {rl2.SCRIPT}.py")
         args = rl2.Args(**ckpt["args"])  # the run's own flags
+        if args.eval_tasks < 1 or args.episodes_per_trial < 2:
+            parser.error(f"{path}: the run needs held-out tasks (--eval-tasks {args.eval_tasks}) and 2+ episodes "
+                         f"per trial (--episodes-per-trial {args.episodes_per_trial}) for this comparison")
+        if rows and args.episodes_per_trial != len(rows[0][2]):
+            parser.error(f"{path}: {args.episodes_per_trial} episodes per trial, {rows[0][0]} has "
+                         f"{len(rows[0][2])}; compare runs of one trial length per call")
         tasks = rl2.make_tasks(args, 1)
         policy = rl2.RecurrentPolicy(tasks.obs_dim, tasks.action_space, args.hidden_size, args.normalize_obs)
         policy.load_state_dict(ckpt["policy"])
