@@ -532,6 +532,7 @@ class RSSM(nn.Module):
     def __init__(self, args: Args, act_dim: int, embed_dim: int):
         super().__init__()
         self.vars, self.classes, self.unimix = args.stoch_vars, args.stoch_classes, args.unimix
+        self.deter_size = args.deter_size
         stoch = self.vars * self.classes
         self.img_in = mlp(stoch + act_dim, args.hidden_units, 1)
         self.gru = LayerNormGRUCell(args.hidden_units, args.deter_size)
@@ -552,34 +553,55 @@ class RSSM(nn.Module):
         return deter, stoch
 
     def img_step(self, deter, stoch, action):
-        """One step of the prior: (h_{t-1}, z_{t-1}, a_{t-1}) -> h_t and p(z_t | h_t). Actions beyond [-1, 1]
-        (unclipped samples of the actor) are scaled back into it, as the env clips them, keeping a gradient."""
-        action = action / action.abs().clamp(min=1.0).detach()
-        deter = self.gru(self.img_in(torch.cat([stoch, action], -1)), deter)
-        prior = self.dist(self.prior_net(deter))
-        return deter, prior
+        """One step of the prior: (h_{t-1}, z_{t-1}, a_{t-1}) -> h_t and p(z_t | h_t)."""
+        deter = self.sequence_step(deter, stoch, self.bounded(action))
+        return deter, self.dist(self.prior_net(deter))
 
-    def obs_step(self, deter, stoch, prev_action, embed, is_first, initial):
-        """One filtering step; where is_first, the state and the previous action restart from `initial`, the
-        initial state self.initial(1) (the same for every sequence: it broadcasts)."""
-        keep = (~is_first).to(deter.dtype)[:, None]
-        init_deter, init_stoch = initial
-        deter = keep * deter + (1 - keep) * init_deter
-        stoch = keep * stoch + (1 - keep) * init_stoch
-        deter, prior = self.img_step(deter, stoch, keep * prev_action)
-        post = self.dist(self.post_net(torch.cat([deter, embed], -1)))
-        return deter, straight_through_sample(post).flatten(-2), post, prior
+    @staticmethod
+    def bounded(action):
+        """Actions beyond [-1, 1] (unclipped samples of the actor) are scaled back into it, as the env clips them,
+        keeping a gradient."""
+        return action / action.abs().clamp(min=1.0).detach()
 
-    def observe(self, embed, prev_action, is_first):
-        """Posterior states of sequences [B, T, ...] from the initial state; returns deter, stoch, post, prior [B, T, ...]."""
+    def sequence_step(self, deter, stoch, action):
+        """h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}])."""
+        return self.gru(self.img_in(torch.cat([stoch, action], -1)), deter)
+
+    def split_posterior_input(self, embed):
+        """The posterior's first layer is W [h_t; e_t] = W_h h_t + W_e e_t. The W_e e_t half does not depend on the
+        recurrence, so it is computed here for every step of the sequences at once (one large matmul instead of T
+        small ones in the sequential loop); each filtering step adds W_h h_t. Returns W_h and W_e e."""
+        w_deter, w_embed = self.post_net[0][0].weight.split([self.deter_size, embed.shape[-1]], 1)
+        return w_deter, F.linear(embed, w_embed)
+
+    def filter_step(self, deter, stoch, action, embed_in, w_deter):
+        """One filtering step: h_t and a sample of q(z_t | h_t, e_t), given embed_in = W_e e_t and w_deter = W_h
+        (split_posterior_input)."""
+        deter = self.sequence_step(deter, stoch, action)
+        _, post_norm, post_act = self.post_net[0]  # after the first layer: LayerNorm, SiLU, then the output layer
+        post = self.dist(self.post_net[1](post_act(post_norm(F.linear(deter, w_deter) + embed_in))))
+        return deter, straight_through_sample(post).flatten(-2), post
+
+    def observe(self, embed, prev_action, is_first, state=None):
+        """Posterior states of sequences [B, T, ...], from `state` (default: the initial state) and restarting from
+        the initial state wherever is_first; returns deter, stoch, post, prior [B, T, ...]."""
+        B, T = embed.shape[:2]
         initial = self.initial(1)  # once per sequence batch, not per step: its kernels would run T times
-        deter, stoch = (x.expand(embed.shape[0], -1) for x in initial)
+        deter, stoch = state if state is not None else (x.expand(B, -1) for x in initial)
+        # what does not depend on the recurrence is computed for all T steps at once, before the sequential loop
+        w_deter, embed_in = self.split_posterior_input(embed)
+        keep = (~is_first).to(embed.dtype)[..., None]  # [B, T, 1]
+        reset_deter, reset_stoch = ((1 - keep) * x for x in initial)  # the initial state where a sequence restarts
+        action = self.bounded(keep * prev_action)
         outs = []
-        for t in range(embed.shape[1]):
-            deter, stoch, post, prior = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t], is_first[:, t],
-                                                      initial)
-            outs.append((deter, stoch, post, prior))
-        return [torch.stack(x, 1) for x in zip(*outs)]
+        for t in range(T):
+            deter = keep[:, t] * deter + reset_deter[:, t]
+            stoch = keep[:, t] * stoch + reset_stoch[:, t]
+            deter, stoch, post = self.filter_step(deter, stoch, action[:, t], embed_in[:, t], w_deter)
+            outs.append((deter, stoch, post))
+        deter, stoch, post = [torch.stack(x, 1) for x in zip(*outs)]
+        # p(z_t | h_t) enters the KL loss but not the recurrence: one batched call over all T steps after the loop
+        return deter, stoch, post, self.dist(self.prior_net(deter))
 
 
 class WorldModel(nn.Module):
@@ -868,7 +890,7 @@ class GraphedUpdate:
 def compile_rssm_steps(rssm: RSSM) -> None:
     """--compile: the RSSM steps run T + H times per update; torch.compile fuses their small element-wise ops.
     Compiled during the eager updates, the fused kernels are then recorded in the CUDA graph like any other."""
-    rssm.obs_step = torch.compile(rssm.obs_step)
+    rssm.filter_step = torch.compile(rssm.filter_step)
     rssm.img_step = torch.compile(rssm.img_step)
 
 
@@ -894,8 +916,9 @@ class Policy:
     def __call__(self, image: np.ndarray, prev_action: torch.Tensor, is_first: np.ndarray, mode: bool) -> torch.Tensor:
         wm = self.agent.wm
         embed = wm.encoder(torch.as_tensor(image, device=self.device))
-        deter, stoch, _, _ = wm.rssm.obs_step(*self.state, prev_action.to(self.device), embed,
-                                              torch.as_tensor(is_first, device=self.device), wm.rssm.initial(1))
+        deter, stoch, _, _ = wm.rssm.observe(embed[:, None], prev_action.to(self.device)[:, None],
+                                             torch.as_tensor(is_first, device=self.device)[:, None], self.state)
+        deter, stoch = deter[:, 0], stoch[:, 0]  # one filtering step
         self.state = (deter, stoch)
         feat = torch.cat([deter, stoch], -1)
         return (self.agent.actor.mode(feat) if mode else self.agent.actor(feat).sample()).cpu()
