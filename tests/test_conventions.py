@@ -1,0 +1,20 @@
+"""Conventions shared by several scripts (each script has its own copy of the code, so each is checked)."""
+import importlib
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("script", ["mbrl_mpc", "mbrl_ensemble", "dreamer_latent"])
+def test_pick_device_gives_cuda_devices_an_index_and_refuses_a_missing_one(script, monkeypatch):
+    """torch.cuda.set_device (these scripts call it for their CUDA graphs) refuses a device without an index, so
+    --device auto / cuda must resolve to cuda:N; faked here with one CUDA device, as CI has none."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert module.pick_device("auto") == torch.device("cuda", 0)
+    assert module.pick_device("cuda") == torch.device("cuda", 0)
+    assert module.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(module.ConfigError, match="1 CUDA device"):
+        module.pick_device("cuda:1")
