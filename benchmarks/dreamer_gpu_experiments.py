@@ -2,12 +2,15 @@
 
 Not part of dreamer_latent.py (neither paid off enough to keep; docs/dreamer_latent.md has the figures):
   - fused:  the three Adams with fused=True (one kernel per step instead of foreach's several);
-  - cl:     the encoder's and decoder's convolutions in channels-last memory layout.
+  - cl:     the encoder's and decoder's convolutions in channels-last memory layout;
+  - tri:    the straight-through sampler's cumulative sum as a product with an upper-triangular matrix of ones
+            (a tiny matmul instead of a scan kernel; the same uniform number per categorical, so the same
+            samples up to rounding at the bin edges). Not yet measured on a GPU.
 Each variant is timed like benchmarks/dreamer_speed.py (size S, batch 16 x 64, CUDA graph, TF32), in one process,
 `base` first and last to show the drift. Then one eager update is profiled: the number of GPU kernels and the GPU
 time spent in them, by kernel name (the graph replays the same kernels without the launch gaps).
 
-  python benchmarks/dreamer_gpu_experiments.py --variants base fused cl fused+cl base --updates 30
+  python benchmarks/dreamer_gpu_experiments.py --variants base fused cl fused+cl tri base --updates 30
 """
 
 import argparse
@@ -23,7 +26,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dreamer_latent as dl  # noqa: E402
 import dreamer_speed as ds  # noqa: E402
 
-ORIGINAL_OPTIMIZERS, ORIGINAL_MAKE_UPDATE = dl.make_optimizers, dl.make_update
+ORIGINAL_OPTIMIZERS, ORIGINAL_MAKE_UPDATE, ORIGINAL_SAMPLE = dl.make_optimizers, dl.make_update, dl.straight_through_sample
+UPPER_ONES = {}
+
+
+def triangular_sample(probs: torch.Tensor) -> torch.Tensor:
+    """dl.straight_through_sample with probs.cumsum(-1) computed as probs @ triu(ones)."""
+    classes = probs.shape[-1]
+    key = (probs.device, probs.dtype, classes)
+    if key not in UPPER_ONES:  # made before a graph capture (during the eager warm-up updates)
+        UPPER_ONES[key] = torch.ones(classes, classes, device=probs.device, dtype=probs.dtype).triu()
+    cdf = probs.detach() @ UPPER_ONES[key]
+    index = (cdf < torch.rand_like(probs[..., :1])).sum(-1).clamp(max=classes - 1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
+    return one_hot + probs - probs.detach()
 
 
 def fused_optimizers(agent, args, capturable=False):
@@ -78,9 +94,11 @@ def main():
     for variant in opts.variants:
         dl.make_optimizers = fused_optimizers if "fused" in variant else ORIGINAL_OPTIMIZERS
         dl.make_update = channels_last_update if "cl" in variant else ORIGINAL_MAKE_UPDATE
+        dl.straight_through_sample = triangular_sample if "tri" in variant else ORIGINAL_SAMPLE
         seconds = ds.time_updates(base, 1, shape, opts.updates, device)
         print(f"{variant}: {seconds:.4f} s/update, {8 / (2 * seconds):.1f} frames/s at train ratio 512", flush=True)
-    dl.make_optimizers, dl.make_update = ORIGINAL_OPTIMIZERS, ORIGINAL_MAKE_UPDATE
+    dl.make_optimizers, dl.make_update, dl.straight_through_sample = (ORIGINAL_OPTIMIZERS, ORIGINAL_MAKE_UPDATE,
+                                                                      ORIGINAL_SAMPLE)
     if device.type == "cuda":
         kernel_profile(replace(base, cuda_graph=False), shape, device, opts.top)
 
