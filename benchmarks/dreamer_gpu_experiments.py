@@ -1,6 +1,7 @@
-"""Dreamer on CUDA: two tried speed-ups of the graphed update, and where an update's GPU time goes.
+"""Dreamer on CUDA: candidate speed-ups of the graphed update, and where an update's GPU time goes.
 
-Not part of dreamer_latent.py (neither paid off enough to keep; docs/dreamer_latent.md has the figures):
+Not part of dreamer_latent.py (fused and cl were measured and did not pay off enough to keep; tri awaits a GPU;
+docs/dreamer_latent.md has the figures):
   - fused:  the three Adams with fused=True (one kernel per step instead of foreach's several);
   - cl:     the encoder's and decoder's convolutions in channels-last memory layout;
   - tri:    the straight-through sampler's cumulative sum as a product with an upper-triangular matrix of ones
