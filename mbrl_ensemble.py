@@ -616,14 +616,16 @@ class SAC:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
 
     def update(self, obs, act, rew, next_obs, terminated) -> torch.Tensor:
-        """One gradient step of critics, actor and temperature on a batch; returns detached losses [4]."""
+        """One gradient step of critics, actor and temperature on a batch; returns [7] detached: the three
+        losses, alpha, and for diagnosis the batch's mean Q (both critics), mean target y and entropy -log pi."""
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():  # y = r + gamma (1 - d) (min_j Q'_j(s', a') - alpha log pi(a' | s')), a' ~ pi(s')
             next_act, next_log_prob = self.actor(next_obs)
             next_q = self.critic_target(next_obs, next_act).min(0).values - alpha * next_log_prob
             target = rew + self.gamma * (1 - terminated) * next_q
         # J_Q = sum_j 1/2 E[(Q_j(s, a) - y)^2]
-        critic_loss = 0.5 * (self.critic(obs, act) - target).pow(2).mean(1).sum()
+        q_values = self.critic(obs, act)
+        critic_loss = 0.5 * (q_values - target).pow(2).mean(1).sum()
         # J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a ~ pi(s); the critics' weights are constants here
         new_act, log_prob = self.actor(obs)
         actor_loss = (alpha * log_prob - self.critic(obs, new_act, detach_params=True).min(0).values).mean()
@@ -634,10 +636,11 @@ class SAC:
         self.optimizer.step()
         with torch.no_grad():  # polyak averaging of the target critics, one fused op over all tensors
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau)
-        return torch.stack([critic_loss, actor_loss, alpha_loss, alpha]).detach()
+        return torch.stack([critic_loss, actor_loss, alpha_loss, alpha, q_values.mean(), target.mean(),
+                            -log_prob.mean()]).detach()
 
     def updates(self, batches: torch.Tensor, split: Callable) -> torch.Tensor:
-        """One update per batch of batches [G, B, width], in order; returns the losses [G, 4].
+        """One update per batch of batches [G, B, width], in order; returns update()'s values [G, 7].
 
         On CUDA the G updates are captured once as a CUDA graph (after a warm-up on a side stream, as
         torch.cuda.graphs asks) and then replayed on new batches copied into the captured input tensor.
@@ -945,9 +948,9 @@ def main(args: Args) -> dict:
             metrics = {"charts/SPS": global_step / max(elapsed, 1e-9), **model_metrics,
                        **{f"time/{name}_s": value for name, value in timers.items()}}
             if sac_losses:
-                critic_loss, actor_loss, alpha_loss, alpha = torch.cat(sac_losses).mean(0).tolist()
-                metrics.update({"losses/qf_loss": critic_loss, "losses/actor_loss": actor_loss,
-                                "losses/alpha_loss": alpha_loss, "losses/alpha": alpha})
+                names = ["qf_loss", "actor_loss", "alpha_loss", "alpha", "qf_values", "qf_target", "entropy"]
+                metrics.update({f"losses/{name}": value
+                                for name, value in zip(names, torch.cat(sac_losses).mean(0).tolist())})
                 sac_losses.clear()
             if args.eval_episodes:
                 eval_return = evaluate(eval_env, agent.actor, args.eval_episodes, args.seed + 10_000, device)

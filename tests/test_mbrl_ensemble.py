@@ -217,12 +217,15 @@ def test_sac_update_bootstraps_only_non_terminal_transitions():
         alpha = agent.log_alpha.exp()
         bootstrap = agent.critic_target(next_obs, next_act).min(0).values - alpha * next_log_prob
         q = original(obs, act)
+        _, log_prob = agent.actor(obs)  # the update's second draw, as here
     torch.manual_seed(1)
-    agent.update(obs, act, rew, next_obs, terminated)
+    logged = agent.update(obs, act, rew, next_obs, terminated)
     # dJ_Q/dQ_j = (Q_j - y) / B with y = r + gamma (1 - d) (min Q' - alpha log pi)
     target = rew + args.gamma * (1 - terminated) * bootstrap
     assert torch.allclose(seen["grad"], (q - target) / 8, atol=1e-5)
     assert not torch.allclose(rew, target)  # the non-terminal rows did bootstrap
+    # the diagnostics it returns (losses/qf_values, losses/qf_target, losses/entropy): pre-update Q, y, -log pi
+    assert torch.allclose(logged[4:], torch.stack([q.mean(), target.mean(), -log_prob.mean()]), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,7 +270,8 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     events = run_events(run_dir, "mbrl_ensemble")
     assert first["global_step"] == 200
     assert {"charts/episodic_return", "charts/SPS", "eval/return", "model/holdout_mse", "model/rollout_length",
-            "losses/model_loss", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
+            "losses/model_loss", "losses/qf_loss", "losses/actor_loss", "losses/alpha", "losses/qf_values",
+            "losses/qf_target", "losses/entropy",
             "time/sac_s"} <= set(events.Tags()["scalars"])
     assert [e.value for e in events.Scalars("model/rollout_length")][-1] == 3  # epoch 3 > b = 2: k = y
     logged = [e.step for e in events.Scalars("eval/return")]
