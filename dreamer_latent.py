@@ -1127,7 +1127,8 @@ def main(args: Args) -> dict:
         if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         print(f"resumed {run_name} at env step {counters['env_steps']} ({counters['updates']} updates, replay of "
-              f"{replay.size * args.num_envs} steps) with the checkpoint's flags; the interrupted episodes restart")
+              f"{replay.size * args.num_envs} steps) with the checkpoint's flags; the interrupted episodes restart; "
+              f"from the command line only: {', '.join(RUN_CONTROL_FIELDS[1:])}")
     if args.compile:
         compile_rssm_steps(agent.wm.rssm)
     update = make_update(agent, optimizers, args, device)

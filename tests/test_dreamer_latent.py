@@ -293,7 +293,7 @@ def test_world_model_learns_a_pixel_world_and_predicts_it_open_loop_better_than_
 # ----------------------------------------------------------------------------------------------------
 # Smoke, resume, bad input
 # ----------------------------------------------------------------------------------------------------
-def test_smoke_run_writes_logs_checkpoint_with_replay_and_resumes(in_tmp):
+def test_smoke_run_writes_logs_checkpoint_with_replay_and_resumes(in_tmp, capsys):
     first = dreamer.main(tiny())
     assert 200 <= first["env_steps"] < 204 and first["updates"] > 0 and first["episodes"] > 0
     events = run_events(first["run_dir"], "dreamer_latent")
@@ -308,7 +308,10 @@ def test_smoke_run_writes_logs_checkpoint_with_replay_and_resumes(in_tmp):
     del ckpt["args"]["cuda_graph"], ckpt["args"]["tf32"]  # a checkpoint from before these run-control flags
     torch.save(ckpt, ckpt_path)
 
+    capsys.readouterr()
     second = dreamer.main(tiny(resume=ckpt_path, total_timesteps=300))
+    # the resume says which flags it did not take from the checkpoint (--eval-every is easy to forget)
+    assert "from the command line only: total_timesteps" in capsys.readouterr().out
     assert os.path.abspath(second["run_dir"]) == os.path.abspath(first["run_dir"]) and 300 <= second["env_steps"] < 304
     assert second["updates"] > first["updates"] and second["replay"].size == stored + second["policy_steps"] // 2 - \
         first["policy_steps"] // 2
