@@ -615,9 +615,12 @@ class SAC:
                                           lr=args.learning_rate, fused=True, capturable=self.use_graph)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
 
+    # what update() returns, in order (logged as losses/<name>): the three losses, alpha, and for diagnosis
+    # the batch's mean Q (both critics), mean target y and entropy -log pi
+    LOGGED = ("qf_loss", "actor_loss", "alpha_loss", "alpha", "qf_values", "qf_target", "entropy")
+
     def update(self, obs, act, rew, next_obs, terminated) -> torch.Tensor:
-        """One gradient step of critics, actor and temperature on a batch; returns [7] detached: the three
-        losses, alpha, and for diagnosis the batch's mean Q (both critics), mean target y and entropy -log pi."""
+        """One gradient step of critics, actor and temperature on a batch; returns the LOGGED values, detached."""
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():  # y = r + gamma (1 - d) (min_j Q'_j(s', a') - alpha log pi(a' | s')), a' ~ pi(s')
             next_act, next_log_prob = self.actor(next_obs)
@@ -640,7 +643,7 @@ class SAC:
                             -log_prob.mean()]).detach()
 
     def updates(self, batches: torch.Tensor, split: Callable) -> torch.Tensor:
-        """One update per batch of batches [G, B, width], in order; returns update()'s values [G, 7].
+        """One update per batch of batches [G, B, width], in order; returns update()'s values [G, len(LOGGED)].
 
         On CUDA the G updates are captured once as a CUDA graph (after a warm-up on a side stream, as
         torch.cuda.graphs asks) and then replayed on new batches copied into the captured input tensor.
@@ -948,9 +951,8 @@ def main(args: Args) -> dict:
             metrics = {"charts/SPS": global_step / max(elapsed, 1e-9), **model_metrics,
                        **{f"time/{name}_s": value for name, value in timers.items()}}
             if sac_losses:
-                names = ["qf_loss", "actor_loss", "alpha_loss", "alpha", "qf_values", "qf_target", "entropy"]
                 metrics.update({f"losses/{name}": value
-                                for name, value in zip(names, torch.cat(sac_losses).mean(0).tolist())})
+                                for name, value in zip(SAC.LOGGED, torch.cat(sac_losses).mean(0).tolist())})
                 sac_losses.clear()
             if args.eval_episodes:
                 eval_return = evaluate(eval_env, agent.actor, args.eval_episodes, args.seed + 10_000, device)
