@@ -85,7 +85,8 @@ class Args:
     total_timesteps: Optional[int] = None
     """real environment steps, random warm-up included (default: the paper's budget for the env, 125k Hopper)"""
     eval_episodes: int = 1
-    """mean-action episodes after every epoch (eval/return), as the official config"""
+    """mean-action episodes after every epoch (eval/return, and eval/discounted_return beside the critics'
+    estimate eval/q_start), as the official config"""
 
     # Per-env settings: None takes the official config's value for --env-id (ENV_DEFAULTS below)
     epoch_length: Optional[int] = None
@@ -693,19 +694,32 @@ def sample_batches(real: TransitionBuffer, model_data: TransitionBuffer, num_bat
 # Evaluation, checkpoints, logging
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(env: gym.Env, actor: Actor, episodes: int, seed: int, device: torch.device) -> float:
-    """Mean return of `episodes` episodes with the mean action (no exploration noise)."""
-    returns = []
+def evaluate(env: gym.Env, agent: SAC, episodes: int, seed: int, device: torch.device) -> dict[str, float]:
+    """`episodes` episodes with the mean action (no exploration noise): their mean return (eval/return), and
+    as a check of the critics (Fujimoto et al. 2018, Fig. 1) their mean discounted return sum_t gamma^t r_t
+    next to the critics' estimate of it, min_j Q_j(s_0, mu(s_0)) at each first state (eval/q_start).
+
+    The critics estimate the soft value of the stochastic policy, which adds -alpha log pi per step; with the
+    negative target entropies used here that term is negative (about -alpha per step for Hopper), so an
+    accurate q_start lies below the discounted return, and one far above it is over-estimation.
+    """
+    returns, discounted_returns, q_starts = [], [], []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
-        done, total = False, 0.0
+        first_obs = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+        q_starts.append(agent.critic(first_obs, agent.actor.mean_action(first_obs)).min(0).values.item())
+        done, total, discounted, discount = False, 0.0, 0.0, 1.0
         while not done:
-            action = actor.mean_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
+            action = agent.actor.mean_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
             obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
             total += float(reward)
+            discounted += discount * float(reward)
+            discount *= agent.gamma
             done = terminated or truncated
         returns.append(total)
-    return float(np.mean(returns))
+        discounted_returns.append(discounted)
+    return {"eval/return": float(np.mean(returns)), "eval/discounted_return": float(np.mean(discounted_returns)),
+            "eval/q_start": float(np.mean(q_starts))}
 
 
 def check_rendering(env_id: str) -> None:
@@ -955,8 +969,8 @@ def main(args: Args) -> dict:
                                 for name, value in zip(SAC.LOGGED, torch.cat(sac_losses).mean(0).tolist())})
                 sac_losses.clear()
             if args.eval_episodes:
-                eval_return = evaluate(eval_env, agent.actor, args.eval_episodes, args.seed + 10_000, device)
-                metrics["eval/return"] = eval_return
+                metrics.update(evaluate(eval_env, agent, args.eval_episodes, args.seed + 10_000, device))
+                eval_return = metrics["eval/return"]
             logger.scalars(metrics, global_step)
             logger.progress(global_step, args.total_timesteps, metrics["charts/SPS"],
                             returns[-1] if returns else episode_return)
@@ -975,7 +989,7 @@ def main(args: Args) -> dict:
 
     if args.capture_video and args.eval_episodes:
         video_env = make_env(args.env_id, os.path.join(run_dir, "videos"))
-        evaluate(video_env, agent.actor, args.eval_episodes, args.seed + 10_000, device)
+        evaluate(video_env, agent, args.eval_episodes, args.seed + 10_000, device)
         video_env.close()
     logger.close()
     env.close()

@@ -2,6 +2,7 @@
 branched rollouts and terminations, SAC's pieces, per-env defaults, smoke/resume/bad input, and learning."""
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -228,6 +229,24 @@ def test_sac_update_bootstraps_only_non_terminal_transitions():
     assert torch.allclose(logged[4:], torch.stack([q.mean(), target.mean(), -log_prob.mean()]), atol=1e-5)
 
 
+def test_evaluation_reports_the_discounted_return_beside_the_critics_estimate_at_the_first_state():
+    # InvertedPendulum pays 1 per step; 4-step episodes with the pole near upright do not terminate early,
+    # so the discounted return is exactly 1 + g + g^2 + g^3; critics with zero weights and biases 3 and 5
+    # estimate min(3, 5) = 3 at any state
+    env = gym.wrappers.TimeLimit(gym.make("InvertedPendulum-v5").unwrapped, max_episode_steps=4)
+    args = mbpo.with_env_defaults(mbpo.Args(env_id="InvertedPendulum-v5", sac_hidden_size=8))
+    agent = mbpo.SAC(4, 1, -3 * np.ones(1, np.float32), 3 * np.ones(1, np.float32), args, torch.device("cpu"))
+    with torch.no_grad():
+        for weight in agent.critic.weights:
+            weight.zero_()
+        agent.critic.biases[-1].copy_(torch.tensor([3.0, 5.0]).view(2, 1, 1))
+    result = mbpo.evaluate(env, agent, episodes=2, seed=0, device=torch.device("cpu"))
+    gamma = args.gamma
+    assert result["eval/return"] == 4.0
+    assert result["eval/discounted_return"] == pytest.approx(1 + gamma + gamma**2 + gamma**3)
+    assert result["eval/q_start"] == pytest.approx(3.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-env defaults (official MBPO config) and the command line
 # ----------------------------------------------------------------------------------------------------
@@ -271,7 +290,7 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     assert first["global_step"] == 200
     assert {"charts/episodic_return", "charts/SPS", "eval/return", "model/holdout_mse", "model/rollout_length",
             "losses/model_loss", "losses/qf_loss", "losses/actor_loss", "losses/alpha", "losses/qf_values",
-            "losses/qf_target", "losses/entropy",
+            "losses/qf_target", "losses/entropy", "eval/discounted_return", "eval/q_start",
             "time/sac_s"} <= set(events.Tags()["scalars"])
     assert [e.value for e in events.Scalars("model/rollout_length")][-1] == 3  # epoch 3 > b = 2: k = y
     logged = [e.step for e in events.Scalars("eval/return")]
