@@ -701,7 +701,8 @@ def evaluate(env: gym.Env, agent: SAC, episodes: int, seed: int, device: torch.d
 
     The critics estimate the soft value of the stochastic policy, which adds -alpha log pi per step; with the
     negative target entropies used here that term is negative (about -alpha per step for Hopper), so an
-    accurate q_start lies below the discounted return, and one far above it is over-estimation.
+    accurate q_start lies below the stochastic policy's discounted return, which the mean action's usually
+    exceeds; a q_start far above eval/discounted_return is over-estimation.
     """
     returns, discounted_returns, q_starts = [], [], []
     for i in range(episodes):
