@@ -11,7 +11,9 @@ via Slow Reinforcement Learning"; Wang et al. 2016, "Learning to reinforcement l
 
 Task families (`--task`): bandit (k-armed Bernoulli, p_i ~ U[0, 1], one pull = one episode), navigation2d
 (point robot, goal ~ U[-0.5, 0.5]^2, r = -distance), HalfCheetahVel (v* ~ U[0, 2], r = -|v_x - v*| -
-0.05 |a|^2), HalfCheetahDir (+-1, r = d v_x - 0.05 |a|^2), AntDir (+-1, r = d v_x + Ant-v5's other terms).
+0.05 |a|^2), HalfCheetahDir (+-1, r = d v_x - 0.05 |a|^2), AntDir (+-1, r = d v_x + Ant-v5's other terms: its
+control and contact costs and its healthy bonus, which is 1 only while the ant is healthy; MAML's and ProMP's
+AntDir build on Ant variants of their own).
 
 Headline benchmark (HalfCheetahVel, 2 episodes of 200 steps per trial):  python rl2_recurrent.py
 Small CPU configurations (a few minutes each on 2 cores; docs/rl2_recurrent.md):
@@ -25,12 +27,20 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
     The value baseline is a GRU of its own like the paper's (garage: a linear feature baseline), trained by
     the same optimiser step with its own gradient-norm clip.
   - MuJoCo families standardise the observations (running mean and std of the training trials, fixed during
-    a trial; the first batch, with no statistics yet, sees raw ones) and scale PPO's rewards by the running
+    a trial; the first batch, with no statistics yet, sees raw ones; both clipped to +-10, as CleanRL's
+    PPO clips its normalised observations) and scale PPO's rewards by the running
     std of the trials' discounted returns-to-go, in the spirit of CleanRL's PPO with gymnasium's
     NormalizeObservation / NormalizeReward (those update every step, track a forward discounted sum and clip
     the scaled reward to +-10); neither the paper nor garage does either. Without them HalfCheetahVel did not
     learn in 1M steps (2 seeds; the policy's entropy drifted up), with them it did (docs/rl2_recurrent.md).
     `--normalize-obs False --scale-rewards False` switch them off.
+  - Advantages are standardised within each PPO minibatch (CleanRL's PPO; garage's RL2PPO examples pass
+    center_adv=False).
+  - The input at an episode's first step carries the previous episode's last action and reward and d = 1, as
+    the paper's input (s, a, r, d) says; garage's RL2Env gives each episode's first step zero action, zero
+    reward and d = 0, so its acting policy never sees d = 1.
+  - The Gaussian's log-std starts at -0.5 (std 0.61; garage's GaussianGRUPolicy: std 1) and its mean head
+    starts near zero (orthogonal init, gain 0.01), so early trials are not dominated by clipped actions.
   - Continuous actions are sampled in [-1, 1] units per dimension and scaled to the env's bounds (clipped
     when sent to the env; navigation2d's bounds are +-0.1).
   - The policy's state-independent log-std is clamped to [-5, 1] (unbounded, the entropy bonus could grow it
@@ -39,7 +49,8 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
   - Every episode of a trial has the same fixed length, so all trials run in lockstep: Ant never terminates
     (terminate_when_unhealthy=False, as MAML's and ProMP's AntDir), navigation2d never stops at the goal.
   - Returns run across the episodes of a trial; the paper's value baseline and garage's fit per-episode
-    returns, ours fits the trial's return (the done flag is an input, so it can tell where it is).
+    returns, ours fits the trial's return (the done flag is an input, so it can tell which episode it is in;
+    it gets no time feature, unlike garage's linear baseline, and has to count the steps left itself).
   - Bandits use PPO with GAE lambda 0.95 and an entropy bonus like the other tasks (the authors' final bandit
     launcher, below: lambda 1, no entropy bonus; a replication used TRPO with lambda 0.3); the Gittins index
     is not among the evaluator's baselines (random, greedy, UCB1, Thompson sampling are).
@@ -182,6 +193,13 @@ def check_args(args: Args) -> None:
     if args.num_minibatches > args.num_trials:
         raise ConfigError(f"--num-minibatches {args.num_minibatches} is more than --num-trials {args.num_trials}: "
                           "each minibatch needs at least one trial")
+    per_minibatch = -(-args.num_trials // args.num_minibatches)  # torch.chunk's sizes; the last chunk is the rest
+    smallest = args.num_trials - per_minibatch * ((args.num_trials - 1) // per_minibatch)
+    if smallest * args.episodes_per_trial * args.episode_length < 2:
+        raise ConfigError(f"--num-minibatches {args.num_minibatches} leaves a minibatch of one step (1-step trials): "
+                          "advantages are standardised per minibatch, which needs at least 2; use fewer minibatches")
+    if args.task == "bandit" and args.normalize_obs:
+        raise ConfigError("--normalize-obs: a bandit has no observations to standardise; leave it off")
     if args.eval_tasks < 0:
         raise ConfigError(f"--eval-tasks must be >= 0, got {args.eval_tasks}")
     for name in ["gamma", "gae_lambda"]:

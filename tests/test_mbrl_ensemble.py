@@ -1,5 +1,6 @@
 """Tests of mbrl_ensemble.py (MBPO): the ensemble on a known noisy system and its elites, the rollout schedule,
 branched rollouts and terminations, SAC's pieces, per-env defaults, smoke/resume/bad input, and learning."""
+import importlib.util
 import os
 
 import gymnasium as gym
@@ -355,6 +356,13 @@ def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
     run_dir = mbpo.main(tiny(total_timesteps=70))["run_dir"]
     with pytest.raises(mbpo.ConfigError, match="is a run on InvertedPendulum-v5"):
         mbpo.main(tiny(env_id="Hopper-v5", resume=os.path.join(run_dir, "mbrl_ensemble.pt")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="moviepy is an optional extra")
+def test_capture_video_records_the_final_evaluation_episodes(in_tmp):
+    run_dir = mbpo.main(tiny(total_timesteps=70, eval_episodes=2, capture_video=True, save_model=False))["run_dir"]
+    videos = sorted(f for f in os.listdir(os.path.join(run_dir, "videos")) if f.endswith(".mp4"))
+    assert videos == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4"]
 
 
 def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):

@@ -197,6 +197,8 @@ def test_every_task_family_runs(in_tmp, task):
     (dict(episodes_per_trial=0), "--episodes-per-trial must be at least 1, got 0"),
     (dict(num_minibatches=9), "--num-minibatches 9 is more than --num-trials 8"),
     (dict(num_arms=1), "--num-arms must be at least 2"),
+    (dict(episodes_per_trial=1, num_minibatches=8), "leaves a minibatch of one step"),
+    (dict(normalize_obs=True), "a bandit has no observations to standardise"),
     (dict(gamma=1.5), "--gamma must be in"),
     (dict(capture_video=True), "--capture-video records MuJoCo tasks"),
     (dict(task="HalfCheetahVel", capture_video=True, eval_tasks=0), "it needs --eval-tasks >= 1"),
