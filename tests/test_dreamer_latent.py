@@ -85,6 +85,13 @@ def test_free_bits_clip_the_kl_at_one_nat_and_stop_its_gradient_there():
     assert dyn.item() == pytest.approx(expected.item()) and rep.item() == pytest.approx(expected.item())
     dyn.sum().backward()
     assert prior_logits.grad.abs().max() > 0.1  # the prior is pulled toward the posterior
+    # the free bit applies to the KL summed over a step's latent variables, not to each variable: 4 variables
+    # of 0.368 nats (KL[(0.9, 0.1) || uniform]) are 1.47 nats, above the bit; a per-variable clip would give 4
+    q = torch.tensor([0.9, 0.1]).repeat(1, 1, 4, 1)  # [B = 1, T = 1, 4 variables, 2 classes]
+    dyn, rep, kl = dreamer.kl_losses(q, torch.full((1, 1, 4, 2), 0.5), free_nats=1.0)
+    per_variable = math.log(2) + 0.9 * math.log(0.9) + 0.1 * math.log(0.1)
+    assert kl.shape == (1, 1) and kl.item() == pytest.approx(4 * per_variable, rel=1e-5)
+    assert dyn.item() == pytest.approx(4 * per_variable, rel=1e-5)
 
 
 def test_return_normalizer_divides_by_the_ema_of_the_5_to_95_percentile_range_but_never_scales_up():
@@ -259,6 +266,21 @@ def dot_world(num_sequences: int, length: int, rng: np.random.Generator, size: i
             "is_first": torch.as_tensor(is_first), "is_terminal": torch.zeros(num_sequences, length, dtype=torch.bool)}
 
 
+def test_observe_restarts_from_the_initial_state_where_an_episode_begins_inside_a_sequence():
+    torch.manual_seed(0)
+    wm = dreamer.WorldModel(tiny(), act_dim=2)
+    embed, prev_action = torch.randn(2, 6, wm.encoder.out_dim), torch.randn(2, 6, 2)
+    is_first = torch.zeros(2, 6, dtype=torch.bool)
+    is_first[:, 0] = is_first[0, 3] = True  # sequence 0: a new episode begins at step 3
+    with torch.no_grad():
+        deter, _, post, _ = wm.rssm.observe(embed, prev_action, is_first)
+        fresh_deter, _, fresh_post, _ = wm.rssm.observe(embed[:, 3:], prev_action[:, 3:], is_first[:, 3:] | True)
+    # h_3 and q(z_3 | h_3, e_3) do not depend on the sampled z_2: at the restart they equal a fresh sequence's first
+    torch.testing.assert_close(deter[0, 3], fresh_deter[0, 0])
+    torch.testing.assert_close(post[0, 3], fresh_post[0, 0])
+    assert not torch.allclose(deter[1, 3], fresh_deter[1, 0], atol=1e-3)  # without is_first the state carries on
+
+
 def test_world_model_learns_a_pixel_world_and_predicts_it_open_loop_better_than_copying_the_last_frame():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -353,6 +375,9 @@ def test_replay_samples_consecutive_steps_of_one_stream_and_wraps_around():
     (dict(gamma=1.5), "--gamma must be in \\[0, 1\\]"),
     (dict(train_ratio=-1), "--train-ratio must be >= 0"),
     (dict(device="tpu:x"), "is not a device"),
+    (dict(device="meta"), "runs on cpu or cuda"),
+    (dict(gamma=0.0), "--gamma and --unimix must be > 0"),
+    (dict(train_ratio=float("inf")), "--train-ratio must be a finite number"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
     with pytest.raises(dreamer.ConfigError, match=message):
