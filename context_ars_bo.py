@@ -184,6 +184,11 @@ class ConfigError(ValueError):
 
 
 def check_args(args: Args) -> None:
+    for field in fields(args):  # nan passes every range check below (nan <= 0 is False), inf most of them
+        values = getattr(args, field.name)
+        for value in values if isinstance(values, tuple) else [values]:
+            if isinstance(value, float) and not np.isfinite(value):
+                raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     positive = ["iterations", "eval_episodes", "eval_every", "latent_dim", "max_episode_steps", "num_directions",
                 "top_directions", "num_workers", "train_tasks", "resample_every", "bo_init_points",
                 "adapt_episodes", "bo_candidates", "checkpoint_every"]
@@ -216,6 +221,8 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: this script runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

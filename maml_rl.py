@@ -182,6 +182,11 @@ def with_task_defaults(args: Args) -> Args:
 
 
 def check_args(args: Args) -> None:
+    for field in fields(args):  # nan passes every range check below (nan <= 0 is False), inf most of them
+        values = getattr(args, field.name)
+        for value in values if isinstance(values, tuple) else [values]:
+            if isinstance(value, float) and not np.isfinite(value):
+                raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     for name in ["meta_iterations", "total_timesteps", "meta_batch_size", "fast_batch_size", "horizon",
                  "num_inner_steps", "eval_trajectories", "cg_iters", "ls_max_steps", "checkpoint_every", "eval_every"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -208,6 +213,8 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: this script runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     return device

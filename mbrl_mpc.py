@@ -6,7 +6,8 @@ Algorithm (lecture: "Extension to model-based RL", "Model-predictive control", "
      plan an action sequence through f with CEM or random shooting, execute only its first action,
      re-plan at the next state (MPC), add every real transition to D.
 With `--no-probabilistic --ensemble-size 1 --num-particles 1 --planner rs` this is Nagabandi et al. 2018
-("Neural Network Dynamics for Model-Based Deep RL", the lecture's objective sum ||f(s,a) - s'||^2);
+("Neural Network Dynamics for Model-Based Deep RL", the lecture's objective sum ||f(s,a) - s'||^2; add
+`--population-size 1000 --horizon 20` for their HalfCheetah K and H);
 the defaults are PETS, Chua et al. 2018 ("Deep RL in a Handful of Trials using Probabilistic
 Dynamics Models"): 5 probabilistic members, trajectory sampling TS-inf with 20 particles, CEM.
 
@@ -30,11 +31,13 @@ Where this script differs from PETS (kchua/handful-of-trials) and why:
   - CEM runs its fixed number of iterations; PETS also stopped early once max variance < 1e-3 (a test
     that would cost a device sync per iteration on a GPU; it rarely fires within 5 iterations).
   - With `--no-probabilistic`, each member propagates one particle per candidate (more would be copies).
-  - Nagabandi's network was 2 x 500 ReLU; `--no-probabilistic` keeps this script's 4 x 200 SiLU.
+  - Nagabandi's network was 2 x 500 ReLU; `--no-probabilistic` keeps this script's 4 x 200 SiLU, PETS's
+    per-layer weight decay, and (with one member too) a bootstrap resample of the data per member.
   - Checkpoints are written at episode ends (a crash loses at most the current episode).
-Speed, measured side by side with mbrl-lib 0.2.0 on a 2-core AMD EPYC (docs/mbrl_mpc.md,
-benchmarks/planner_speed.py): PETS paper planner 5.1 s/action vs 8.4 s (1.64x), 77 GFLOP/s; the CPU
-configuration's planner 89 ms/action vs 120 ms (1.35x; a rerun with more rounds: 122 vs 156 ms, 1.28x).
+Speed, measured side by side with mbrl-lib 0.2.0 on a 2-core AMD EPYC with nothing else running
+(docs/mbrl_mpc.md, benchmarks/planner_speed.py): PETS paper planner 4.0 s/action vs 5.5 s (1.37x), 99 GFLOP/s;
+the CPU configuration's planner 82 ms/action vs 99 ms (1.20x). Beside other jobs the gaps were larger (1.64x,
+1.35x), because mbrl-lib's planner slows down more than ours on a busy machine.
 On an NVIDIA H200, with each planning step replayed as a CUDA graph (`--cuda-graph`, default on CUDA):
 32 ms/action vs mbrl-lib's 184 ms on the same GPU (5.7x).
 """
@@ -144,6 +147,11 @@ class ConfigError(ValueError):
 
 
 def check_args(args: Args) -> None:
+    for field in fields(args):  # nan passes every range check below (nan <= 0 is False), inf most of them
+        values = getattr(args, field.name)
+        for value in values if isinstance(values, tuple) else [values]:
+            if isinstance(value, float) and not np.isfinite(value):
+                raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     positive = ["total_timesteps", "ensemble_size", "hidden_size", "num_hidden_layers", "model_batch_size",
                 "model_epochs", "horizon", "population_size", "num_elites", "cem_iterations", "num_particles",
                 "checkpoint_every"]
@@ -167,6 +175,10 @@ def check_args(args: Args) -> None:
                           f"got {len(args.weight_decays)}")
     if not 0.0 <= args.holdout_ratio < 1.0:
         raise ConfigError(f"--holdout-ratio must be in [0, 1), got {args.holdout_ratio}")
+    if args.weight_decays is not None and min(args.weight_decays) < 0:
+        raise ConfigError(f"--weight-decays must be >= 0, got {args.weight_decays}")
+    if args.capture_video and args.eval_episodes == 0:
+        raise ConfigError("--capture-video records the evaluation episodes; it needs --eval-episodes >= 1")
     if not 0.0 <= args.cem_alpha < 1.0:
         raise ConfigError(f"--cem-alpha must be in [0, 1), got {args.cem_alpha}")
     if args.model_lr <= 0:
@@ -188,6 +200,8 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: this script runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     if device.type == "cuda" and device.index is None:

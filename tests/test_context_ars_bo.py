@@ -339,6 +339,8 @@ def test_baselines_run_with_their_own_policy_input(in_tmp, method, latent_dim):
     (dict(env_id="Swimmer-v5", params=None), "Swimmer-v5 has no default dynamics parameters; pass --params"),
     (dict(method="maml"), "--method maml is unknown"),
     (dict(noise=0.0), "--noise must be > 0"),
+    (dict(step_size=float("nan")), "--step-size must be a finite number, got nan"),
+    (dict(device="meta"), "runs on cpu or cuda"),
     (dict(acquisition="pi"), "--acquisition pi is unknown"),
     (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
 ])

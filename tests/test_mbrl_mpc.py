@@ -265,6 +265,10 @@ def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):
     (dict(num_particles=3), "multiple of --ensemble-size"),
     (dict(weight_decays=(1e-4,)), "--weight-decays needs 3 values"),
     (dict(device="tpu:x"), "is not a device"),
+    (dict(device="meta"), "runs on cpu or cuda"),
+    (dict(model_lr=float("nan")), "--model-lr must be a finite number, got nan"),
+    (dict(weight_decays=(1e-4, -1.0, 1e-4)), "--weight-decays must be >= 0"),
+    (dict(capture_video=True, eval_episodes=0), "it needs --eval-episodes >= 1"),
     (dict(init_random_episodes=0), "the first model needs data"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):

@@ -200,6 +200,8 @@ def test_every_task_family_runs(in_tmp, task):
     (dict(episodes_per_trial=1, num_minibatches=8), "leaves a minibatch of one step"),
     (dict(normalize_obs=True), "a bandit has no observations to standardise"),
     (dict(gamma=1.5), "--gamma must be in"),
+    (dict(learning_rate=float("nan")), "--learning-rate must be a finite number, got nan"),
+    (dict(device="meta"), "runs on cpu or cuda"),
     (dict(capture_video=True), "--capture-video records MuJoCo tasks"),
     (dict(task="HalfCheetahVel", capture_video=True, eval_tasks=0), "it needs --eval-tasks >= 1"),
     (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
