@@ -50,6 +50,13 @@ Where this script differs from the official code and why:
     form (one batched Cholesky for all tasks' GPs; sklearn ran L-BFGS from 10 starts).
   - The + and - perturbation of a direction share their env reset seed (common random numbers); actions are
     clipped to the env's bounds.
+  - Training returns keep the env's survival bonus (ARS, Mania et al. 2018, subtracted it on Hopper, Walker2d
+    and Ant: its code's `shift`).
+  - Test-time adaptation always runs its --bo-init-points + --bo-iterations evaluations (the official search
+    stopped after a budget of 50 000 env steps); UCB uses the GP's noise-free predictive std (official:
+    sklearn's, which adds the fitted white noise and a fixed alpha = 1e-2 on min-max-scaled returns) and may
+    evaluate a latent twice (the official re-drew a duplicate); returns are the env's dense reward (the
+    official DART search used a sparse one).
 """
 
 import importlib.util
@@ -189,6 +196,10 @@ def check_args(args: Args) -> None:
         for value in values if isinstance(values, tuple) else [values]:
             if isinstance(value, float) and not np.isfinite(value):
                 raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**31:  # evaluation seeds add offsets; numpy's seeds end at 2^32
+        raise ConfigError(f"--seed must be in [0, 2^31), got {args.seed}")
+    if any(width < 1 for width in args.hidden_sizes):
+        raise ConfigError(f"--hidden-sizes must be layer widths >= 1, got {args.hidden_sizes}")
     positive = ["iterations", "eval_episodes", "eval_every", "latent_dim", "max_episode_steps", "num_directions",
                 "top_directions", "num_workers", "train_tasks", "resample_every", "bo_init_points",
                 "adapt_episodes", "bo_candidates", "checkpoint_every"]
@@ -249,7 +260,12 @@ def parse_params(specs: tuple[str, ...], model: mujoco.MjModel) -> list[Dynamics
         match = re.fullmatch(r"([\w.]+)=([-+0-9.eE]+):([-+0-9.eE]+)", spec)
         if not match:
             raise ConfigError(f"--params {spec}: write name=low:high, e.g. friction=0.2:1.0 ({known})")
-        name, low, high = match.group(1), float(match.group(2)), float(match.group(3))
+        try:
+            name, low, high = match.group(1), float(match.group(2)), float(match.group(3))
+        except ValueError:
+            raise ConfigError(f"--params {spec}: low and high must be numbers, e.g. friction=0.2:1.0") from None
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ConfigError(f"--params {spec}: low and high must be finite")
         kind, _, body = name.partition(".")
         if kind not in ("friction", "mass", "strength", "damping") or bool(body) != (kind == "mass"):
             raise ConfigError(f"--params {spec}: unknown parameter '{name}'; known: {known}")

@@ -221,6 +221,8 @@ def check_args(args: Args) -> None:
         for value in values if isinstance(values, tuple) else [values]:
             if isinstance(value, float) and not np.isfinite(value):
                 raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**31:  # evaluation seeds add offsets; numpy's seeds end at 2^32
+        raise ConfigError(f"--seed must be in [0, 2^31), got {args.seed}")
     for name in ["total_timesteps", "eval_every", "checkpoint_every", "action_repeat", "num_envs", "batch_size",
                  "batch_length", "deter_size", "hidden_units", "cnn_depth", "stoch_vars", "imag_horizon"]:
         if getattr(args, name) < 1:

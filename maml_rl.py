@@ -44,7 +44,13 @@ Where this script differs from the original code and why:
   - Hessian-vector products of the KL are exact (double back-propagation through the adaptation step);
     rllab's optimiser used finite differences of gradients.
   - `meta/return_step_k` are returns of the sampled (stochastic) trajectories, as the paper's; `eval/return`
-    adds the mean-action return after `num_inner_steps` steps, this project's evaluation convention.
+    adds the mean-action return after `num_inner_steps` steps, this project's evaluation convention. With
+    `--num-inner-steps` N > 1 the meta-test's first N steps use alpha, as training does (the test scripts'
+    alpha / 2 applies to the steps after them).
+  - The horizon's cut is treated as terminal (no bootstrap past the last step), as rllab's returns and
+    baseline did; CONVENTIONS.md would bootstrap a time-limit truncation.
+  - The paper evaluated the iterate with the best training return; `eval/return` and `meta/*` are of the
+    current policy at each evaluation.
 """
 
 import copy
@@ -166,7 +172,11 @@ class ConfigError(ValueError):
 def with_task_defaults(args: Args) -> Args:
     if args.task not in TASK_DEFAULTS:
         if args.task in gym.registry:  # a plain env: say why it is not enough
-            env = gym.make(args.task)
+            try:
+                env = gym.make(args.task)
+            except (gym.error.Error, ImportError) as err:
+                raise ConfigError(f"--task {args.task} is a single environment (one that cannot be made here: "
+                                  f"{err}), not a task family; use one of {', '.join(TASK_DEFAULTS)}") from None
             continuous = isinstance(env.action_space, gym.spaces.Box)
             env.close()
             if not continuous:
@@ -187,6 +197,10 @@ def check_args(args: Args) -> None:
         for value in values if isinstance(values, tuple) else [values]:
             if isinstance(value, float) and not np.isfinite(value):
                 raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**31:  # evaluation seeds add offsets; numpy's seeds end at 2^32
+        raise ConfigError(f"--seed must be in [0, 2^31), got {args.seed}")
+    if any(width < 1 for width in args.hidden_sizes):
+        raise ConfigError(f"--hidden-sizes must be layer widths >= 1, got {args.hidden_sizes}")
     for name in ["meta_iterations", "total_timesteps", "meta_batch_size", "fast_batch_size", "horizon",
                  "num_inner_steps", "eval_trajectories", "cg_iters", "ls_max_steps", "checkpoint_every", "eval_every"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -194,6 +208,8 @@ def check_args(args: Args) -> None:
     for name in ["inner_lr", "max_kl", "init_std", "baseline_reg"]:
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.init_std <= 1e-6:  # the log-std is clamped at log(1e-6): below it, it would never learn
+        raise ConfigError(f"--init-std must be > 1e-6, got {args.init_std}")
     for name in ["eval_tasks", "eval_grad_steps", "cg_damping"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -652,7 +668,8 @@ def meta_test(policy: GaussianMLPPolicy, tasks, task_params: np.ndarray, args: A
               greedy_tasks=None) -> dict[str, float]:
     """The paper's evaluation: on held-out tasks, mean return of eval_trajectories sampled trajectories after
     0, 1, ..., eval_grad_steps inner steps, each step on the trajectories just sampled with step size alpha
-    for the first and alpha / 2 for later ones (the original test scripts); with greedy_tasks, also the
+    for the steps training takes (num_inner_steps) and alpha / 2 for later ones (the original test scripts,
+    which trained one step); with greedy_tasks, also the
     mean-action return after min(num_inner_steps, eval_grad_steps) of these steps (`eval/return`)."""
     # the same env and action noise at every meta-test, and none drawn from the training's generators
     rng = np.random.default_rng(args.seed + 20_000)
@@ -671,7 +688,7 @@ def meta_test(policy: GaussianMLPPolicy, tasks, task_params: np.ndarray, args: A
         if k < args.eval_grad_steps:
             batch["advantages"] = compute_advantages(batch, args.gamma, args.gae_lambda, args.baseline_reg)
             params = {name: p.requires_grad_() for name, p in params.items()}
-            step_size = args.inner_lr if k == 0 else args.inner_lr / 2
+            step_size = args.inner_lr if k < max(args.num_inner_steps, 1) else args.inner_lr / 2  # trained steps: alpha
             params = {name: p.detach() for name, p in inner_adapt(policy, params, batch, step_size,
                                                                    create_graph=False).items()}
     return metrics
@@ -866,7 +883,7 @@ def main(args: Args) -> dict:
         elapsed += time.perf_counter() - start
         start = time.perf_counter()
         logger.scalars({"meta/pre_adapt_return": pre, "meta/post_adapt_return": post,
-                        "charts/episodic_return": post, "charts/episodic_length": args.horizon,
+                        "charts/episodic_return": post, "charts/episodic_length": outer_batch["masks"].sum(-1).mean().item(),
                         "charts/SPS": global_step / max(elapsed, 1e-9), "charts/meta_iteration": iteration,
                         "time/sampling_s": t1 - t0, "time/meta_update_s": t2 - t1,
                         "time/sampling_sps": steps / max(t1 - t0, 1e-9), **stats}, global_step)

@@ -152,6 +152,8 @@ def check_args(args: Args) -> None:
         for value in values if isinstance(values, tuple) else [values]:
             if isinstance(value, float) and not np.isfinite(value):
                 raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**31:  # evaluation seeds add offsets; numpy's seeds end at 2^32
+        raise ConfigError(f"--seed must be in [0, 2^31), got {args.seed}")
     positive = ["total_timesteps", "ensemble_size", "hidden_size", "num_hidden_layers", "model_batch_size",
                 "model_epochs", "horizon", "population_size", "num_elites", "cem_iterations", "num_particles",
                 "checkpoint_every"]

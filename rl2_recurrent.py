@@ -189,6 +189,8 @@ def check_args(args: Args) -> None:
         for value in values if isinstance(values, tuple) else [values]:
             if isinstance(value, float) and not np.isfinite(value):
                 raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**31:  # evaluation seeds add offsets; numpy's seeds end at 2^32
+        raise ConfigError(f"--seed must be in [0, 2^31), got {args.seed}")
     for name in ["total_timesteps", "episodes_per_trial", "episode_length", "num_trials", "num_arms", "hidden_size",
                  "update_epochs", "num_minibatches", "checkpoint_every", "eval_every"]:
         if getattr(args, name) < 1:

@@ -331,6 +331,8 @@ def test_baselines_run_with_their_own_policy_input(in_tmp, method, latent_dim):
     (dict(params=("frction=0.2:1",)), "unknown parameter 'frction'; known: friction, strength, damping, mass"),
     (dict(params=("mass.head=1:2",)), "the model has no body 'head'; bodies: cart, pole"),
     (dict(params=("friction=1:0.2",)), "needs low < high"),
+    (dict(params=("friction=0.2:1e",)), "low and high must be numbers"),
+    (dict(params=("friction=0:1e400",)), "low and high must be finite"),
     (dict(params=("friction=0.2-1",)), "write name=low:high"),
     (dict(params=()), "--params is empty"),
     (dict(env_id="CartPole-v1"), "CartPole-v1 has Discrete actions; this script needs continuous"),
@@ -341,6 +343,8 @@ def test_baselines_run_with_their_own_policy_input(in_tmp, method, latent_dim):
     (dict(noise=0.0), "--noise must be > 0"),
     (dict(step_size=float("nan")), "--step-size must be a finite number, got nan"),
     (dict(device="meta"), "runs on cpu or cuda"),
+    (dict(seed=2**40), "--seed must be in"),
+    (dict(hidden_sizes=(-1,)), "--hidden-sizes must be layer widths >= 1"),
     (dict(acquisition="pi"), "--acquisition pi is unknown"),
     (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
 ])

@@ -405,12 +405,16 @@ def test_other_inner_steps_and_meta_test_settings_run(in_tmp, overrides, logged,
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(task="Walker"), "unknown --task Walker; use one of navigation2d, HalfCheetahVel"),
+    (dict(task="CarRacing-v3"), "--task CarRacing-v3 is a single environment"),  # made or not (Box2D is optional)
     (dict(task="CartPole-v1"), "--task CartPole-v1 has discrete actions"),
     (dict(task="Hopper-v5"), "--task Hopper-v5 is a single environment, not a task family"),
     (dict(inner_lr=0.0), "--inner-lr must be > 0, got 0.0"),
     (dict(inner_lr=-0.1), "--inner-lr must be > 0"),
     (dict(inner_lr=float("nan")), "--inner-lr must be a finite number, got nan"),
     (dict(device="meta"), "runs on cpu or cuda"),
+    (dict(seed=-1), "--seed must be in"),
+    (dict(init_std=1e-7), "--init-std must be > 1e-6"),
+    (dict(hidden_sizes=(32, 0)), "--hidden-sizes must be layer widths >= 1"),
     (dict(meta_batch_size=0), "--meta-batch-size must be at least 1, got 0"),
     (dict(meta_iterations=0), "--meta-iterations must be at least 1, got 0"),
     (dict(ls_backtrack_ratio=1.0), "--ls-backtrack-ratio must be in"),
