@@ -28,11 +28,16 @@ Where this script differs from the official MBPO code (TF1 on gym v2) and why:
     units, as in the official code.
   - A random elite per sampled state is drawn by shuffling the states into equal groups, one per elite,
     so each step costs one batched forward of the elites instead of all 7 members on every state.
+  - `--total-timesteps` counts the 5000 random warm-up steps: Hopper's 125 000 are 120 epochs of 1000 steps
+    after them (the official run makes its 125 epochs after the warm-up).
+  - An env id without a known termination rule (e.g. Hopper-v4, whose observations may differ) runs with
+    model rollouts that never terminate, with a note on stderr.
   - Checkpoints are written at episode ends (so a resumed run repeats an uninterrupted one exactly);
     a crash loses at most `checkpoint_every` steps plus one episode.
 Speed (docs/mbrl_ensemble.md): on an NVIDIA H200 the G SAC updates of an env step run as one CUDA graph,
-0.51 ms per update instead of 4.7 (Hopper 47 env steps/s); on 2 CPU cores 1.74x and 1.85x mbrl-lib's env steps/s
-in two runs (Hopper, G = 20, SAC width 256, mbrl-lib given the replay buffer of a real run).
+0.51 ms per update instead of 4.7 (Hopper 47 env steps/s); on 2 CPU cores 1.74x to 1.94x mbrl-lib's env steps/s
+in three runs (Hopper, G = 20, SAC width 256, mbrl-lib given the replay buffer of a real run; 1.94x with nothing
+else running), short of the 2x goal.
 """
 
 import copy
@@ -196,6 +201,13 @@ def with_env_defaults(args: Args) -> Args:
 
 
 def check_args(args: Args) -> None:
+    for field in fields(args):  # nan passes every range check below (nan <= 0 is False), inf most of them
+        values = getattr(args, field.name)
+        for value in values if isinstance(values, tuple) else [values]:
+            if isinstance(value, float) and not np.isfinite(value):
+                raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**31:  # evaluation seeds add offsets; numpy's seeds end at 2^32
+        raise ConfigError(f"--seed must be in [0, 2^31), got {args.seed}")
     positive = ["total_timesteps", "epoch_length", "updates_per_step", "model_hidden_size", "model_train_freq",
                 "model_retain_epochs", "ensemble_size", "num_elites", "num_hidden_layers", "model_batch_size",
                 "model_patience", "rollout_batch_size", "sac_hidden_size", "batch_size", "checkpoint_every"]
@@ -223,6 +235,12 @@ def check_args(args: Args) -> None:
                           f"got {len(args.weight_decays)}")
     if not 0.0 <= args.holdout_ratio < 1.0:
         raise ConfigError(f"--holdout-ratio must be in [0, 1), got {args.holdout_ratio}")
+    if args.weight_decays is not None and min(args.weight_decays) < 0:
+        raise ConfigError(f"--weight-decays must be >= 0, got {args.weight_decays}")
+    if args.capture_video and args.eval_episodes == 0:
+        raise ConfigError("--capture-video records the evaluation episodes; it needs --eval-episodes >= 1")
+    if args.max_holdout < 0:
+        raise ConfigError(f"--max-holdout must be >= 0, got {args.max_holdout}")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
         raise ConfigError(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
     for name in ["model_lr", "learning_rate"]:
@@ -245,6 +263,8 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: this script runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     if device.type == "cuda" and device.index is None:
@@ -387,7 +407,8 @@ class DynamicsEnsemble(nn.Module):
         n, m = obs.shape[0], len(elites)
         per_member = -(-n // m)
         order = torch.randperm(n, device=obs.device)
-        order = torch.cat([order, order[:per_member * m - n]])  # pad to m equal groups
+        padding = torch.arange(per_member * m - n, device=obs.device) % n  # fewer rows than elites: repeats
+        order = torch.cat([order, order[padding]])  # pad to m equal groups
         x = (torch.cat([obs, act], dim=-1)[order] - self.input_mean) / self.input_std
         mean, logvar = self(x.view(m, per_member, -1), elites)
         sample = (mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)) * self.target_std + self.target_mean
@@ -405,6 +426,26 @@ def model_loss(model: DynamicsEnsemble, x: torch.Tensor, y: torch.Tensor, weight
     for wd, weight in zip(weight_decays, model.weights):
         loss = loss + wd * 0.5 * weight.pow(2).sum()
     return loss
+
+
+class HoldoutStopping:
+    """MBPO's stopping rule (official bnn.py, _save_best): an epoch improves member e when its held-out MSE drops
+    by more than 1 % relative to its best so far; training stops once no member improved for more than
+    `patience` epochs. The first epoch always improves (the best starts at 1e10, as the official)."""
+
+    def __init__(self, num_members: int, patience: int):
+        self.best, self.patience, self.epochs_since_update = torch.full((num_members,), 1e10), patience, 0
+
+    def update(self, current: torch.Tensor) -> torch.Tensor:
+        """This epoch's held-out MSE [E] -> which members improved [E] (their weights are the ones to keep)."""
+        improved = (self.best - current) / self.best > 0.01
+        self.best = torch.where(improved, current, self.best)
+        self.epochs_since_update = 0 if improved.any() else self.epochs_since_update + 1
+        return improved
+
+    @property
+    def stop(self) -> bool:
+        return self.epochs_since_update > self.patience
 
 
 def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
@@ -433,11 +474,11 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, input
             mean, _ = model(x_holdout)
             return ((mean - y_holdout) * model.target_std).pow(2).mean(dim=(1, 2))
 
-    best = torch.full((E,), 1e10)  # as the official code: the first epoch always counts as an improvement
+    stopping = HoldoutStopping(E, args.model_patience)
     member_params = [*model.weights, *model.biases]  # each [E, ...]: member e's weights are [e]
     snapshot = [p.detach().clone() for p in member_params]  # each member's weights at its best held-out loss
     max_epochs = args.model_max_epochs if n_holdout else (args.model_max_epochs or 1)  # nothing to stop on
-    epoch, epochs_since_update, losses = 0, 0, []
+    epoch, losses = 0, []
     while True:
         shuffled = bootstrap.gather(1, torch.argsort(torch.rand(E, n_train, device=device), dim=1))
         for start in range(0, n_train, args.model_batch_size):
@@ -449,14 +490,11 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, input
             losses.append(loss.detach())
         epoch += 1
         if n_holdout:
-            current = holdout_mse().cpu()  # one host sync per epoch
-            improved = (best - current) / best > 0.01
-            best = torch.where(improved, current, best)
+            improved = stopping.update(holdout_mse().cpu()).to(device)  # one host sync per epoch
             with torch.no_grad():
                 for saved, param in zip(snapshot, member_params):
-                    saved[improved.to(device)] = param[improved.to(device)]
-            epochs_since_update = 0 if improved.any() else epochs_since_update + 1
-            if epochs_since_update > args.model_patience:
+                    saved[improved] = param[improved]
+            if stopping.stop:
                 break
         if max_epochs is not None and epoch >= max_epochs:
             break
@@ -512,13 +550,14 @@ class TransitionBuffer:
         o, a = self.obs_dim, self.act_dim
         return rows[..., :o], rows[..., o:o + a], rows[..., o + a], rows[..., o + a + 1:-1], rows[..., -1]
 
-    def state_dict(self) -> dict:
-        return {"rows": self.ordered().cpu(), "capacity": self.capacity}
+    def state_dict(self) -> dict:  # the rows where they lie: batches index them, so a resume must not reorder
+        return {"rows": self.rows[:self.size].cpu(), "next": self.next, "capacity": self.capacity}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = torch.zeros(state["capacity"], self.rows.shape[1], device=self.rows.device)
-        self.size, self.next = 0, 0
-        self.add(state["rows"].to(self.rows.device))
+        self.size = len(state["rows"])
+        self.rows[:self.size] = state["rows"].to(self.rows.device)
+        self.next = state.get("next", self.size % self.capacity)  # older checkpoints saved the rows in order
 
 
 def transition_rows(obs, act, rew, next_obs, terminated) -> torch.Tensor:
@@ -549,13 +588,29 @@ def branched_rollouts(model: DynamicsEnsemble, elites: torch.Tensor, policy: Cal
 # ----------------------------------------------------------------------------------------------------
 # SAC: tanh-Gaussian actor, twin critics stacked as one batched module, automatic entropy temperature
 # ----------------------------------------------------------------------------------------------------
+def glorot_(weight: torch.Tensor) -> torch.Tensor:
+    """Keras's default initialisation (softlearning's networks): U(+-sqrt(6 / (fan_in + fan_out))), applied to
+    each [in, out] matrix of a stacked [..., in, out] weight (nn.init would count the stack in its fans)."""
+    fan_in, fan_out = weight.shape[-2:]
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
+
+
 class Actor(nn.Module):
-    """pi(a | s): a = low + (tanh(u) + 1) / 2 * (high - low), u ~ N(mean(s), std(s))."""
+    """pi(a | s): a = low + (tanh(u) + 1) / 2 * (high - low), u ~ N(mean(s), std(s)).
+
+    Its log-probability is that of tanh(u) in [-1, 1]^d, as softlearning's, whose policy acts in [-1, 1]^d and
+    whose env wrapper rescales: the target entropies of MBPO's configs are in those units whatever the env's
+    action bounds (Humanoid's are +-0.4, InvertedPendulum's +-3)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, action_low: np.ndarray, action_high: np.ndarray):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 2 * act_dim))
+        for layer in self.net[::2]:
+            glorot_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.register_buffer("action_scale", torch.as_tensor((action_high - action_low) / 2, dtype=torch.float32))
         self.register_buffer("action_bias", torch.as_tensor((action_high + action_low) / 2, dtype=torch.float32))
 
@@ -565,9 +620,9 @@ class Actor(nn.Module):
         std = log_std.clamp(-20, 2).exp()  # softlearning's bounds
         u = mean + std * torch.randn_like(mean)
         squashed = torch.tanh(u)
-        # log N(u) - sum log |d a / d u|, with d a / d u = scale * (1 - tanh(u)^2) written stably
+        # log N(u) - sum log |d tanh(u) / d u|, with d tanh(u) / d u = 1 - tanh(u)^2 written stably
         log_prob = (-0.5 * ((u - mean) / std).pow(2) - std.log() - 0.5 * math.log(2 * math.pi)
-                    - 2 * (math.log(2) - u - F.softplus(-2 * u)) - self.action_scale.log()).sum(-1)
+                    - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
         return squashed * self.action_scale + self.action_bias, log_prob
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
@@ -581,7 +636,7 @@ class TwinCritic(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int):
         super().__init__()
         sizes = [obs_dim + act_dim, hidden, hidden, 1]
-        self.weights = nn.ParameterList(nn.Parameter(nn.init.xavier_uniform_(torch.empty(2, i, o)))
+        self.weights = nn.ParameterList(nn.Parameter(glorot_(torch.empty(2, i, o)))
                                         for i, o in zip(sizes[:-1], sizes[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(2, 1, o)) for o in sizes[1:])
 
@@ -896,7 +951,9 @@ def main(args: Args) -> dict:
                     "actions": action_rng.bit_generator.state, "env": env_rng_before_reset}})
 
     eval_env = make_env(args.env_id)
-    episode_return, episode_length, env_rng_before_reset = 0.0, 0, None
+    # the env's RNG state before its last reset, saved by checkpoints (a resumed run that takes no step saves
+    # the one it was resumed with)
+    episode_return, episode_length, env_rng_before_reset = 0.0, 0, ckpt["rng"]["env"] if ckpt else None
     last_checkpoint_step, eval_return, model_metrics = global_step, None, {}
     timers = {"model_train": 0.0, "rollout": 0.0, "sac": 0.0}
     sac_losses = []

@@ -40,6 +40,19 @@ def test_ensemble_variance_tracks_the_noise_and_training_stops_on_the_holdout():
     assert 0.2 < noisy < 0.4 and quiet < 0.1 and noisy > 4 * quiet, (noisy, quiet)  # true: 0.3 and 0.01
 
 
+def test_training_stops_after_more_than_patience_epochs_without_a_1_percent_improvement_of_any_member():
+    stopping = mbpo.HoldoutStopping(num_members=2, patience=2)
+    assert stopping.update(torch.tensor([10.0, 10.0])).tolist() == [True, True]  # the first epoch always improves
+    assert stopping.update(torch.tensor([9.95, 9.0])).tolist() == [False, True]  # 0.5 % is not an improvement
+    assert stopping.best.tolist() == [10.0, 9.0] and not stopping.stop
+    for epoch in range(3):  # no member improves: stop after more than 2 such epochs
+        assert not stopping.stop
+        assert not stopping.update(torch.tensor([9.92, 8.95])).any()  # below 1 % of each member's best
+    assert stopping.stop
+    stopping.update(torch.tensor([9.8, 8.95]))  # one member improving by > 1 % restarts the count
+    assert stopping.epochs_since_update == 0 and not stopping.stop
+
+
 def test_elites_are_the_members_with_the_lowest_holdout_loss():
     torch.manual_seed(1)
     inputs, targets = as_model_data(heteroscedastic_data(2000, np.random.default_rng(1)))
@@ -137,6 +150,9 @@ def test_each_state_is_predicted_by_one_random_elite():
     assert abs((used == 1).float().mean() - 0.5) < 0.01  # half each (equal groups, one padded row)
     again, _ = model.sample_random_elite(torch.zeros(1001, 1), torch.zeros(1001, 1), torch.tensor([1, 3]))
     assert not torch.equal(again, next_obs)  # a fresh draw at every step
+    for n in [1, 2, 3]:  # fewer states than elites (the last live rollouts): every state still gets one elite
+        few, _ = model.sample_random_elite(torch.zeros(n, 1), torch.zeros(n, 1), torch.tensor([0, 1, 2, 3]))
+        assert few.shape == (n, 1) and set(few[:, 0].round().tolist()) <= {0.0, 1.0, 2.0, 3.0}
 
 
 def test_transition_buffer_keeps_the_latest_rows_when_full_or_resized():
@@ -149,9 +165,12 @@ def test_transition_buffer_keeps_the_latest_rows_when_full_or_resized():
     buffer.resize(6)
     buffer.add(torch.full((1, 5), 7.0))
     assert buffer.ordered()[:, 0].tolist() == [4, 5, 6, 7]
+    buffer.add(torch.arange(8.0, 11.0)[:, None].expand(3, 5))  # wraps: row i is no longer the i-th oldest
+    assert buffer.rows[:, 0].tolist() == [10, 5, 6, 7, 8, 9]
     copy = mbpo.TransitionBuffer(1, 1, 1, torch.device("cpu"))
     copy.load_state_dict(buffer.state_dict())
-    assert copy.capacity == 6 and torch.equal(copy.ordered(), buffer.ordered())
+    # batches draw rows by position, so a resumed buffer keeps every row where it was, and where the next goes
+    assert copy.capacity == 6 and torch.equal(copy.rows, buffer.rows) and copy.next == buffer.next
 
 
 def test_mixed_batches_take_the_real_ratio_from_real_data():
@@ -167,7 +186,7 @@ def test_mixed_batches_take_the_real_ratio_from_real_data():
 # ----------------------------------------------------------------------------------------------------
 # SAC pieces
 # ----------------------------------------------------------------------------------------------------
-def test_actor_log_prob_is_that_of_the_squashed_and_scaled_gaussian():
+def test_actor_log_prob_is_that_of_the_squashed_gaussian_in_unit_action_space():
     torch.manual_seed(0)
     low, high = np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32)
     actor = mbpo.Actor(3, 2, 16, low, high)
@@ -176,13 +195,25 @@ def test_actor_log_prob_is_that_of_the_squashed_and_scaled_gaussian():
     assert (action > torch.as_tensor(low)).all() and (action < torch.as_tensor(high)).all()
     mean, log_std = actor.net(obs).chunk(2, dim=-1)
     scale, shift = torch.tensor([2.0, 0.5]), torch.tensor([0.0, 0.5])
+    # the density of tanh(u) in [-1, 1]^d (softlearning's units, those of MBPO's target entropies), not of the
+    # action in the env's bounds, which would add -sum log(scale)
     squashed = torch.distributions.TransformedDistribution(
-        torch.distributions.Normal(mean, log_std.clamp(-20, 2).exp()),
-        [torch.distributions.TanhTransform(), torch.distributions.AffineTransform(shift, scale)])
+        torch.distributions.Normal(mean, log_std.clamp(-20, 2).exp()), [torch.distributions.TanhTransform()])
     inside = (action - shift).abs() < 0.999 * scale  # atanh is ill-conditioned at the bounds
-    expected = squashed.log_prob(action)
+    expected = squashed.log_prob((action - shift) / scale)
     assert torch.allclose(log_prob[inside.all(-1)], expected.sum(-1)[inside.all(-1)], atol=1e-3)
     assert torch.allclose(actor.mean_action(obs), torch.tanh(mean) * scale + shift)
+
+
+def test_networks_start_with_glorot_uniform_weights_per_matrix_as_softlearning():
+    torch.manual_seed(0)
+    critic, actor = mbpo.TwinCritic(11, 3, 256), mbpo.Actor(11, 3, 256, -np.ones(3), np.ones(3))
+    matrices = [w[j] for w in critic.weights for j in range(2)] + [layer.weight.T for layer in actor.net[::2]]
+    for weight in matrices:  # U(+-b), b = sqrt(6 / (fan_in + fan_out)): max |w| close to b, variance b^2 / 3
+        bound = (6 / sum(weight.shape)) ** 0.5
+        assert 0.95 * bound < weight.abs().max() <= bound
+        assert abs(weight.var().item() / (bound**2 / 3) - 1) < 0.25
+    assert all((layer.bias == 0).all() for layer in actor.net[::2])
 
 
 def test_twin_critic_is_two_independent_mlps():
@@ -302,6 +333,8 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     assert after[:len(logged)] == logged and after[-1] == 260  # the resume kept the checkpoint's own step
     no_budget = mbpo.main(tiny(total_timesteps=None, resume=os.path.join(run_dir, "mbrl_ensemble.pt")))
     assert no_budget["global_step"] == 260  # without --total-timesteps a resumed run keeps its own budget
+    # a resume that took no step rewrote the checkpoint; it still resumes
+    assert mbpo.main(tiny(total_timesteps=280, resume=os.path.join(run_dir, "mbrl_ensemble.pt")))["global_step"] == 280
 
 
 def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):
@@ -342,6 +375,12 @@ def test_model_rollouts_never_start_from_terminal_states_of_a_terminating_env(in
     (dict(weight_decays=(1e-4,)), "--weight-decays needs 3 values"),
     (dict(device="tpu:x"), "is not a device"),
     (dict(init_exploration_steps=0), "the first model and SAC batch need data"),
+    (dict(model_lr=float("nan")), "--model-lr must be a finite number, got nan"),
+    (dict(learning_rate=float("inf")), "--learning-rate must be a finite number"),
+    (dict(weight_decays=(1e-4, -1.0, 1e-4)), "--weight-decays must be >= 0"),
+    (dict(max_holdout=-1), "--max-holdout must be >= 0"),
+    (dict(capture_video=True, eval_episodes=0), "it needs --eval-episodes >= 1"),
+    (dict(device="meta"), "runs on cpu or cuda"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
     with pytest.raises(mbpo.ConfigError, match=message):
