@@ -1,8 +1,9 @@
 """dreamer_latent.py: the DreamerV3 pieces against hand-computed answers, the world model on a small pixel world,
-smoke/resume/bad input, and learning pixel InvertedPendulum."""
+smoke/resume/bad input, and learning a cheap pixel task whose reward side is seen only in the image."""
 import importlib.util
 import math
 import os
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -215,9 +216,11 @@ def test_cuda_graph_of_compiled_rssm_steps_equals_their_eager_updates():
 # World model on a small pixel world with known dynamics
 # ----------------------------------------------------------------------------------------------------
 class DotWorld(gym.Env):
-    """A cheap pixel task: a 16x16 image of a 5x5 square; the action in [-1, 1] moves it round(2 a) pixels to the
-    right (stopping at the border); the reward is its horizontal position in [-1, 1]; 16 steps per episode. The
-    best policy runs right and stays there (return ~14 from a random start), a random one scores ~0."""
+    """A cheap pixel task: a 16x16 image of a 5x5 square and a blue edge, left or right (drawn per episode); the
+    action in [-1, 1] moves the square round(2 a) pixels to the right (stopping at the border); the reward is its
+    horizontal position in [-1, 1] signed toward the blue edge; 16 steps per episode. The best policy reads the
+    edge in the image and runs there (return ~14.5 from a random start); one that cannot see it (random, or any
+    fixed action) scores ~0 on average: learning it needs the pixels."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
@@ -229,10 +232,11 @@ class DotWorld(gym.Env):
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
         self.x = int(self.np_random.integers(2, self.size - 2))
+        self.side = 1 if self.np_random.random() < 0.5 else -1  # where the reward lies: +1 right, -1 left
         return np.array([self.reward()], np.float32), {}
 
     def reward(self) -> float:
-        return (self.x - (self.size - 1) / 2) / ((self.size - 5) / 2)
+        return self.side * (self.x - (self.size - 1) / 2) / ((self.size - 5) / 2)
 
     def step(self, action):
         self.x = int(np.clip(self.x + np.round(2 * action[0]), 2, self.size - 3))
@@ -241,6 +245,7 @@ class DotWorld(gym.Env):
     def render(self):
         image = np.zeros((self.size, self.size, 3), np.uint8)
         image[self.size // 2 - 2:self.size // 2 + 3, self.x - 2:self.x + 3] = [255, 200, 60]
+        image[:, -1 if self.side > 0 else 0] = [60, 120, 255]
         return image
 
 
@@ -414,7 +419,8 @@ def test_capture_video_writes_an_episode_and_open_loop_predictions(in_tmp):
 # ----------------------------------------------------------------------------------------------------
 # Learning, against a random policy measured in the same test
 # ----------------------------------------------------------------------------------------------------
-def random_policy_return(env_id: str, episodes: int, seed: int) -> float:
+def policy_return(env_id: str, episodes: int, seed: int, action: Optional[float] = None) -> float:
+    """Mean return of a policy that never looks at the image: uniform random actions, or a fixed `action`."""
     env = dreamer.make_env(env_id, 16, 1, seed)
     env.action_space.seed(seed)
     returns = []
@@ -422,7 +428,8 @@ def random_policy_return(env_id: str, episodes: int, seed: int) -> float:
         env.reset(seed=seed + episode)
         done, total = False, 0.0
         while not done:
-            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            act = env.action_space.sample() if action is None else np.full(env.action_space.shape, action, np.float32)
+            _, reward, terminated, truncated, _ = env.step(act)
             total, done = total + reward, terminated or truncated
         returns.append(total)
     return float(np.mean(returns))
@@ -431,9 +438,11 @@ def random_policy_return(env_id: str, episodes: int, seed: int) -> float:
 @pytest.mark.slow
 def test_dreamer_learns_a_pixel_task_in_imagination(in_tmp):
     args = tiny(env_id="DotWorld-v0", action_repeat=1, cnn_depth=8, deter_size=64, hidden_units=64, stoch_vars=8,
-                stoch_classes=8, batch_size=16, batch_length=12, total_timesteps=700, learning_starts=200,
-                train_ratio=72, eval_episodes=20, eval_every=1000, model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4,
+                stoch_classes=8, batch_size=16, batch_length=12, total_timesteps=1500, learning_starts=200,
+                train_ratio=72, eval_episodes=20, eval_every=10_000, model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4,
                 seed=1, save_model=False)
+    # seen (2026-11-28, ~165 s each beside another job): eval 14.7, 14.5, 14.1 for seeds 1, 2, 3; 1.8 after 700
+    # steps (seed 1). Blind policies on the same 20 evaluation episodes: random, always left, always right.
     result = dreamer.main(args)
-    random_return = random_policy_return("DotWorld-v0", 20, seed=args.seed + 10_000)
-    assert result["eval_return"] > random_return + 6 and result["eval_return"] > 6, (result["eval_return"], random_return)
+    blind = [policy_return("DotWorld-v0", 20, args.seed + 10_000, action) for action in (None, -1.0, 1.0)]
+    assert result["eval_return"] > max(blind) + 6 and result["eval_return"] > 10, (result["eval_return"], blind)
