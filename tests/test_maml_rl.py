@@ -45,6 +45,38 @@ def tiny_problem(inner_steps: int = 1):
     return policy, inner, random_batch(rng, 2, 3, 4, 3, 2)
 
 
+def test_steps_after_a_trajectory_ended_change_no_loss_advantage_or_kl():
+    # navigation2d's trajectories stop at the goal and keep their slot, masked: whatever the masked steps hold
+    # must not reach the inner loss, the advantages, the adapted parameters or the meta-objective and its KL
+    policy, (inner,), outer = tiny_problem()
+    for batch in (inner, outer):
+        batch["masks"][0, 1, 2:] = 0  # task 0, trajectory 1 ended after 2 of its 4 steps
+        batch["masks"][1, 0, 1:] = 0
+        batch["rewards"] = torch.rand(batch["masks"].shape, generator=torch.Generator().manual_seed(1),
+                                      dtype=torch.float64) * batch["masks"]
+    args = maml.Args(inner_lr=0.5)
+
+    def everything(inner: dict, outer: dict):
+        inner = {**inner, "advantages": maml.compute_advantages(inner, 0.99, 1.0, 1e-5)}
+        params = {k: p.detach() for k, p in policy.named_parameters()}
+        loss = maml.inner_loss(policy, maml.per_task(params, 2), inner)
+        return [loss, inner["advantages"], *maml.meta_objective(policy, [inner], outer, args, differentiable=False)]
+
+    before = everything(inner, outer)
+    junk = torch.Generator().manual_seed(2)
+    scrambled = []
+    for batch in (inner, outer):
+        ended = batch["masks"] == 0
+        batch = dict(batch)
+        for key in ("obs", "actions", "means", "advantages", "log_probs"):
+            noise = 100 * torch.randn(batch[key].shape, generator=junk, dtype=batch[key].dtype)
+            mask = ended if batch[key].dim() == ended.dim() else ended[..., None]
+            batch[key] = torch.where(mask, noise, batch[key])
+        scrambled.append(batch)
+    for a, b in zip(before, everything(*scrambled)):
+        torch.testing.assert_close(a, b)
+
+
 def finite_differences(f, theta: torch.Tensor, params: list, eps: float = 1e-6) -> torch.Tensor:
     """Central differences of f() (a tensor) in each coordinate of the parameter vector theta."""
     columns = []
