@@ -116,7 +116,8 @@ class Args:
 
     # replay and schedule
     buffer_size: int = 1_000_000
-    """policy steps kept in the replay buffer"""
+    """policy steps kept in the replay buffer, in host memory (12 KiB per 64x64 step: up to 12.3 GB at 1M, paged in
+    as it fills; each checkpoint writes the filled part)"""
     learning_starts: int = 2048
     """env steps of random actions before the first update (reference: one batch of policy steps, 16 x 64 x 2)"""
     batch_size: int = 16
