@@ -240,11 +240,12 @@ def check_args(args: Args) -> None:
     if args.buffer_size < args.num_envs * args.batch_length:
         raise ConfigError(f"--buffer-size {args.buffer_size} cannot hold one sequence of --batch-length "
                           f"{args.batch_length} per env ({args.num_envs} envs); raise it")
-    for name in ["gamma", "lam", "unimix", "slow_critic_fraction", "return_norm_decay"]:
+    for name in ["lam", "slow_critic_fraction", "return_norm_decay"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if args.gamma == 0 or args.unimix == 0:  # the return weights divide by gamma; KLs take logs of probabilities
-        raise ConfigError(f"--gamma and --unimix must be > 0 (got {args.gamma}, {args.unimix}); the paper: 0.997, 0.01")
+    for name in ["gamma", "unimix"]:  # the return weights divide by gamma; the KLs take logs of probabilities
+        if not 0.0 < getattr(args, name) <= 1.0:
+            raise ConfigError(f"--{name} must be in (0, 1], got {getattr(args, name)}")
     if min(args.model_lr, args.actor_lr, args.critic_lr) <= 0:
         raise ConfigError("--model-lr, --actor-lr and --critic-lr must be > 0")
 

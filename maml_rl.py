@@ -49,8 +49,7 @@ Where this script differs from the original code and why:
     alpha / 2 applies to the steps after them).
   - The horizon's cut is treated as terminal (no bootstrap past the last step), as rllab's returns and
     baseline did; CONVENTIONS.md would bootstrap a time-limit truncation.
-  - The paper evaluated the iterate with the best training return; `eval/return` and `meta/*` are of the
-    current policy at each evaluation.
+  - `eval/return` and `meta/*` are of the current policy at each evaluation; no best iterate is selected.
 """
 
 import copy
@@ -688,7 +687,7 @@ def meta_test(policy: GaussianMLPPolicy, tasks, task_params: np.ndarray, args: A
         if k < args.eval_grad_steps:
             batch["advantages"] = compute_advantages(batch, args.gamma, args.gae_lambda, args.baseline_reg)
             params = {name: p.requires_grad_() for name, p in params.items()}
-            step_size = args.inner_lr if k < max(args.num_inner_steps, 1) else args.inner_lr / 2  # trained steps: alpha
+            step_size = args.inner_lr if k < args.num_inner_steps else args.inner_lr / 2  # the trained steps: alpha
             params = {name: p.detach() for name, p in inner_adapt(policy, params, batch, step_size,
                                                                    create_graph=False).items()}
     return metrics
@@ -883,7 +882,8 @@ def main(args: Args) -> dict:
         elapsed += time.perf_counter() - start
         start = time.perf_counter()
         logger.scalars({"meta/pre_adapt_return": pre, "meta/post_adapt_return": post,
-                        "charts/episodic_return": post, "charts/episodic_length": outer_batch["masks"].sum(-1).mean().item(),
+                        "charts/episodic_return": post,
+                        "charts/episodic_length": outer_batch["masks"].sum(-1).mean().item(),
                         "charts/SPS": global_step / max(elapsed, 1e-9), "charts/meta_iteration": iteration,
                         "time/sampling_s": t1 - t0, "time/meta_update_s": t2 - t1,
                         "time/sampling_sps": steps / max(t1 - t0, 1e-9), **stats}, global_step)

@@ -377,11 +377,12 @@ def test_replay_samples_consecutive_steps_of_one_stream_and_wraps_around():
     (dict(batch_length=0), "--batch-length must be at least 1"),
     (dict(model_size="XXL"), "unknown --model-size XXL"),
     (dict(buffer_size=10), "cannot hold one sequence"),
-    (dict(gamma=1.5), "--gamma must be in \\[0, 1\\]"),
+    (dict(gamma=1.5), "--gamma must be in \\(0, 1\\]"),
     (dict(train_ratio=-1), "--train-ratio must be >= 0"),
     (dict(device="tpu:x"), "is not a device"),
     (dict(device="meta"), "runs on cpu or cuda"),
-    (dict(gamma=0.0), "--gamma and --unimix must be > 0"),
+    (dict(gamma=0.0), "--gamma must be in \\(0, 1\\], got 0.0"),
+    (dict(unimix=0.0), "--unimix must be in \\(0, 1\\]"),
     (dict(train_ratio=float("inf")), "--train-ratio must be a finite number"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):

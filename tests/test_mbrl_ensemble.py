@@ -45,7 +45,7 @@ def test_training_stops_after_more_than_patience_epochs_without_a_1_percent_impr
     assert stopping.update(torch.tensor([10.0, 10.0])).tolist() == [True, True]  # the first epoch always improves
     assert stopping.update(torch.tensor([9.95, 9.0])).tolist() == [False, True]  # 0.5 % is not an improvement
     assert stopping.best.tolist() == [10.0, 9.0] and not stopping.stop
-    for epoch in range(3):  # no member improves: stop after more than 2 such epochs
+    for _ in range(3):  # no member improves: stop after more than 2 such epochs
         assert not stopping.stop
         assert not stopping.update(torch.tensor([9.92, 8.95])).any()  # below 1 % of each member's best
     assert stopping.stop
