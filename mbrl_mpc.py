@@ -315,16 +315,18 @@ class DynamicsEnsemble(nn.Module):
             # a dimension constant so far (e.g. a contact force) keeps unit scale, as in PETS
             std.copy_(torch.where(spread < 1e-6, torch.ones_like(spread), spread))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x: normalised inputs [E, N, in] -> mean [E, N, out], log-variance [E, N, out] or None."""
+    def forward(self, x: torch.Tensor, layers: Optional[tuple[list, list]] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: normalised inputs [E, N, in] -> mean [E, N, out], log-variance [E, N, out] or None (normalised
+        units); with `layers` from raw_unit_layers(), x and the mean are in raw units instead."""
         rows = self.cpu_block_rows
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.shape[1] <= rows:
-            return self.mlp(x)
+            return self.mlp(x, layers)
         # CPU planning: run the whole MLP on one block of rows at a time, so that a block's activations
         # (~2 MiB) stay in cache between layers; the PETS-size planner then beats a plain layer-by-layer
         # forward over all rows (5.1 vs 5.8 s/action, docs/mbrl_mpc.md). Candidates x particles x members
         # remain one tensor; only the matmul chain is tiled.
-        blocks = [self.mlp(block) for block in x.split(rows, dim=1)]
+        blocks = [self.mlp(block, layers) for block in x.split(rows, dim=1)]
         mean = torch.cat([m for m, _ in blocks], dim=1)
         return mean, (torch.cat([v for _, v in blocks], dim=1) if self.probabilistic else None)
 
@@ -332,10 +334,12 @@ class DynamicsEnsemble(nn.Module):
     def cpu_block_rows(self) -> int:
         return max(64, 2**21 // (4 * self.ensemble_size * self.weights[0].shape[-1]))
 
-    def mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def mlp(self, x: torch.Tensor, layers: Optional[tuple[list, list]] = None
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         inplace = not torch.is_grad_enabled()  # planning: no autograd, reuse buffers
-        last = len(self.weights) - 1
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        weights, biases = layers or (self.weights, self.biases)
+        last = len(weights) - 1
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
             x = torch.baddbmm(bias, x, weight)  # one batched matmul for all members, bias fused
             if i < last:
                 x = F.silu(x, inplace=inplace)
@@ -347,14 +351,29 @@ class DynamicsEnsemble(nn.Module):
         logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
         return mean, logvar
 
-    def predict(self, obs: torch.Tensor, act: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw obs [E, N, o], act [E, N, a] -> next obs [E, N, o], reward [E, N] (sampled or mean)."""
-        x = (torch.cat([obs, act], dim=-1) - self.input_mean) / self.input_std
-        mean, logvar = self(x)
-        if sample and logvar is not None:
-            mean = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-        out = mean * self.target_std + self.target_mean
-        return obs + out[..., :-1], out[..., -1]
+    def raw_unit_layers(self) -> tuple[list, list]:
+        """The weights and biases with the normalisers folded in, for planning: the input's
+        ((x - m) / s) W1 + b1 = x (W1 / s) + (b1 - (m / s) W1), and the mean half of the last layer times the
+        targets' std plus their mean. Computed once per planning call, they spare every model step four
+        element-wise passes over its inputs and outputs (~10 % of a step of the CPU config, docs/mbrl_mpc.md)."""
+        first_w = self.weights[0] / self.input_std[:, None]
+        first_b = self.biases[0] - ((self.input_mean / self.input_std) @ self.weights[0])[:, None]
+        scale = torch.ones_like(self.biases[-1][0, 0])  # the log-variance half stays normalised
+        scale[:self.out_dim] = self.target_std
+        shift = torch.zeros_like(scale)
+        shift[:self.out_dim] = self.target_mean
+        last_w, last_b = self.weights[-1] * scale, self.biases[-1] * scale + shift
+        return [first_w, *self.weights[1:-1], last_w], [first_b, *self.biases[1:-1], last_b]  # >= 1 hidden layer
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor, sample: bool,
+                layers: Optional[tuple[list, list]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw obs [E, N, o], act [E, N, a] -> next obs [E, N, o], reward [E, N] (sampled or mean); `layers`:
+        raw_unit_layers(), which a planner computes once for all its steps."""
+        mean, logvar = self(torch.cat([obs, act], dim=-1), layers or self.raw_unit_layers())  # raw units
+        if sample and logvar is not None:  # mean + eps * sigma * s_y, sigma in normalised units
+            std = torch.exp(torch.add(self.target_std.log(), logvar, alpha=0.5))
+            mean = torch.addcmul(mean, torch.randn_like(mean), std)
+        return obs + mean[..., :-1], mean[..., -1]
 
 
 def model_loss(model: DynamicsEnsemble, x: torch.Tensor, y: torch.Tensor, weight_decays) -> torch.Tensor:
@@ -429,10 +448,13 @@ def trajectory_sampling_returns(model: DynamicsEnsemble, obs: torch.Tensor, acti
     step_actions = step_actions.reshape(H, E, N * per_member, A)
     returns = torch.zeros(E, N * per_member, device=obs.device)
     alive = torch.ones_like(returns, dtype=torch.bool)
+    layers = model.raw_unit_layers()  # the normalisers folded into the first and last layers, once
     for t in range(H):
-        state, reward = model.predict(state, step_actions[t], sample=True)
-        returns += torch.where(alive, reward, 0.0)  # a terminated particle adds nothing, not even NaN
-        if termination_fn is not None:
+        state, reward = model.predict(state, step_actions[t], sample=True, layers=layers)
+        if termination_fn is None:
+            returns += reward
+        else:
+            returns += torch.where(alive, reward, 0.0)  # a terminated particle adds nothing, not even NaN
             alive &= ~termination_fn(state)
     returns = returns.view(E, N, per_member)
     returns = torch.nan_to_num(returns, nan=-1e6, posinf=-1e6, neginf=-1e6)  # PETS: diverged costs 1e6

@@ -101,7 +101,10 @@ class MemberwiseToy:
     def __init__(self, c: torch.Tensor):
         self.c, self.ensemble_size = c, len(c)
 
-    def predict(self, obs, act, sample):
+    def raw_unit_layers(self):
+        return None
+
+    def predict(self, obs, act, sample, layers=None):
         next_obs = obs + self.c[:, None, None]
         return next_obs, next_obs.pow(2).sum(-1) + act.sum(-1)
 
@@ -212,6 +215,33 @@ def test_blocked_cpu_forward_equals_the_plain_forward():
         blocked, plain = model(x), model.mlp(x)
     for a, b in zip(blocked, plain):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("probabilistic", [True, False])
+def test_planning_with_folded_normalisers_equals_the_normalised_model(probabilistic):
+    # predict folds the normalisers into the first and last layers; the same numbers as normalising the
+    # input, running the model in normalised units and un-normalising its mean, and the same noise scale
+    torch.manual_seed(0)
+    model = mpc.DynamicsEnsemble(3, 2, 4, 16, 2, probabilistic=probabilistic)
+    with torch.no_grad():
+        for name in ("input_mean", "target_mean"):
+            getattr(model, name).normal_()
+        for name in ("input_std", "target_std"):
+            getattr(model, name).uniform_(0.2, 3.0)
+        obs, act = torch.randn(4, 50, 3), torch.randn(4, 50, 2)
+        mean, logvar = model((torch.cat([obs, act], -1) - model.input_mean) / model.input_std)
+        expected = mean * model.target_std + model.target_mean
+        next_obs, reward = model.predict(obs, act, sample=False)
+        torch.testing.assert_close(next_obs, obs + expected[..., :-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reward, expected[..., -1], rtol=1e-5, atol=1e-5)
+        if probabilistic:  # a sample = mean + eps * exp(logvar / 2) * target_std, with the same eps
+            torch.manual_seed(1)
+            sampled_obs, sampled_reward = model.predict(obs, act, sample=True)
+            torch.manual_seed(1)
+            eps = torch.randn_like(expected)
+            noisy = expected + eps * torch.exp(0.5 * logvar) * model.target_std
+            torch.testing.assert_close(sampled_obs, obs + noisy[..., :-1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sampled_reward, noisy[..., -1], rtol=1e-5, atol=1e-5)
 
 
 # (the termination rules are tested for every script that has them in tests/test_termination_rules.py)
