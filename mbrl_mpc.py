@@ -355,8 +355,8 @@ class DynamicsEnsemble(nn.Module):
         """The weights and biases with the normalisers folded in, for planning: the input's
         ((x - m) / s) W1 + b1 = x (W1 / s) + (b1 - (m / s) W1), and the mean half of the last layer times the
         targets' std plus their mean. Computed once per planning call, they spare every model step four
-        element-wise passes over its inputs and outputs (the CPU config's planner 5-10 % faster in an A/B on
-        2026-12-07; the PETS-size planner was not faster, see the git log)."""
+        element-wise passes over its inputs and outputs (the CPU config's planner 4-10 % faster in A/Bs on
+        2026-12-07; the PETS-size one within the noise, docs/mbrl_mpc.md)."""
         first_w = self.weights[0] / self.input_std[:, None]
         first_b = self.biases[0] - ((self.input_mean / self.input_std) @ self.weights[0])[:, None]
         scale = torch.ones_like(self.biases[-1][0, 0])  # the log-variance half stays normalised
