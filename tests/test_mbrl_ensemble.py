@@ -82,6 +82,27 @@ def test_a_training_capped_at_one_epoch_keeps_that_epoch():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.weights))
 
 
+def test_each_member_returns_to_the_weights_of_its_best_holdout_epoch(monkeypatch):
+    torch.manual_seed(3)
+    inputs, targets = as_model_data(heteroscedastic_data(600, np.random.default_rng(3)))
+    model = mbpo.DynamicsEnsemble(1, 1, 3, 16, 2)
+    epochs, update = [], mbpo.HoldoutStopping.update  # per epoch: the weights at its end, who improved
+
+    def recording_update(self, losses):
+        improved = update(self, losses)
+        epochs.append(([w.detach().clone() for w in model.weights], improved.clone()))
+        return improved
+
+    monkeypatch.setattr(mbpo.HoldoutStopping, "update", recording_update)
+    args = mbpo.Args(ensemble_size=3, num_elites=2, num_hidden_layers=2, model_max_epochs=500, model_batch_size=64)
+    mbpo.train_model(model, torch.optim.Adam(model.parameters(), lr=1e-3), inputs, targets, args)
+    assert len(epochs) < 500  # stopped by the held-out loss, so every member's best epoch lies before the last
+    for e in range(3):
+        best = max(i for i, (_, improved) in enumerate(epochs) if improved[e])
+        for final, at_best, at_end in zip(model.weights, epochs[best][0], epochs[-1][0]):
+            assert torch.equal(final[e], at_best[e]) and not torch.equal(final[e], at_end[e])
+
+
 def test_model_loss_is_the_gaussian_nll_with_bound_penalty_and_weight_decay():
     torch.manual_seed(0)
     model = mbpo.DynamicsEnsemble(2, 1, 3, 16, 2)

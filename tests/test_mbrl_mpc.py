@@ -189,6 +189,44 @@ def test_ensemble_fits_a_nonlinear_system_and_learns_where_it_is_noisy():
     assert 0.15 < noisy < 0.5 and quiet < 0.1 and noisy > 4 * quiet, (noisy, quiet)
 
 
+def test_each_member_trains_on_its_own_bootstrap_of_the_training_split(monkeypatch):
+    n, n_holdout, E, batch = 40, 8, 3, 7
+    obs = np.arange(n, dtype=np.float32)[:, None]  # row i is recognisable by its observation, i
+    data = {"obs": obs, "act": np.zeros((n, 1), np.float32), "next_obs": obs + 1, "rew": np.zeros(n, np.float32),
+            "holdout": np.arange(n) < n_holdout}
+    model = mpc.DynamicsEnsemble(1, 1, E, 8, 2, probabilistic=True)
+    minibatch_rows, loss = [], mpc.model_loss  # the rows each member saw, [E, B] per minibatch
+
+    def recording_loss(model_, x, y, decays):
+        minibatch_rows.append(torch.round(x[..., 0] * model_.input_std[0] + model_.input_mean[0]).long())
+        return loss(model_, x, y, decays)
+
+    monkeypatch.setattr(mpc, "model_loss", recording_loss)
+    torch.manual_seed(0)
+    args = mpc.Args(ensemble_size=E, num_hidden_layers=2, model_epochs=2, model_batch_size=batch)
+    mpc.train_model(model, torch.optim.Adam(model.parameters()), data, args, "cpu")
+    per_epoch = -(-(n - n_holdout) // batch)
+    assert len(minibatch_rows) == 2 * per_epoch
+    epochs = [torch.cat(minibatch_rows[i * per_epoch:(i + 1) * per_epoch], dim=1) for i in range(2)]
+    for rows in epochs:  # each member sees n_train rows per epoch, none of them held out
+        assert rows.shape == (E, n - n_holdout) and (rows >= n_holdout).all()
+    first, second = (rows.sort(dim=1).values for rows in epochs)
+    assert torch.equal(first, second)  # one bootstrap per training call, reshuffled every epoch
+    assert not torch.equal(epochs[0], epochs[1])
+    for e in range(E):  # drawn with replacement: repeats, so some training rows are left out
+        assert len(first[e].unique()) < n - n_holdout
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # a bootstrap each
+
+
+def test_default_weight_decays_are_the_pets_per_layer_values():
+    # handful-of-trials' HalfCheetah model: 2.5e-5, 5e-5, 7.5e-5, 7.5e-5 on the hidden layers, 1e-4 on the output
+    assert mpc.layer_weight_decays(mpc.Args()) == (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+    for layers in (1, 2, 6):  # one decay per weight matrix at any depth, the output's last
+        decays = mpc.layer_weight_decays(mpc.Args(num_hidden_layers=layers))
+        assert len(decays) == len(mpc.DynamicsEnsemble(2, 1, 2, 8, layers, True).weights) and decays[-1] == 1e-4
+    assert mpc.layer_weight_decays(mpc.Args(num_hidden_layers=1, weight_decays=(1e-3, 2e-3))) == (1e-3, 2e-3)
+
+
 @pytest.mark.parametrize("probabilistic", [True, False])
 def test_model_loss_is_the_papers_objective(probabilistic):
     torch.manual_seed(0)
