@@ -99,6 +99,23 @@ def test_bayesian_optimisation_finds_a_2d_maximum_sooner_than_random_search(acqu
     assert bo_regret < 0.5 * random_regret, (bo_regret, random_regret)
 
 
+def test_strategy_search_returns_each_tasks_best_evaluated_latent_and_counts_its_steps(monkeypatch):
+    targets = np.array([[0.5, -0.5], [-0.3, 0.8], [0.0, 0.0]])  # a different best mu for each of 3 tasks
+
+    def returns_of(latents):  # the policy's return on each task as a function of its latent, 7 steps an episode
+        return -np.square(latents - targets).sum(-1)
+
+    def fake_episode_returns(rollouts, theta, dynamics, latents, episodes, normaliser, rng):
+        return returns_of(latents), 7 * episodes * len(dynamics)
+
+    monkeypatch.setattr(mso, "episode_returns", fake_episode_returns)
+    best, values, steps = mso.strategy_search(None, np.zeros(4), np.zeros((3, 1)), None, iterations=6, episodes=2,
+                                              args=mso.Args(latent_dim=2, bo_init_points=4),
+                                              rng=np.random.default_rng(0), device=CPU)
+    assert values.shape == (3, 10) and steps == 10 * 7 * 2 * 3
+    np.testing.assert_allclose(returns_of(best), values.max(1), rtol=1e-6)  # the best mu seen, not the last
+
+
 # ----------------------------------------------------------------------------------------------------
 # ARS
 # ----------------------------------------------------------------------------------------------------
