@@ -620,6 +620,11 @@ def load_checkpoint(path: str, args: Args) -> tuple[dict, Args]:
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
         raise ConfigError(f"--resume {path} was written by {writer}, not {SCRIPT}.py; resume it with that script")
+    missing = [k for k in ["args", "model", "optimizer", "data", "global_step", "episode", "rng"] if k not in ckpt]
+    missing += [f"args.{f.name}" for f in fields(Args)  # run-control flags come from the command line anyway
+                if f.name not in ckpt.get("args", {}) and f.name not in RUN_CONTROL_FIELDS]
+    if missing:
+        raise ConfigError(f"--resume {path} lacks {', '.join(missing)} (written by another version of {SCRIPT}.py?)")
     if ckpt["args"]["env_id"] != args.env_id:
         raise ConfigError(f"--resume {path} is a run on {ckpt['args']['env_id']}, not --env-id {args.env_id}; "
                           f"pass --env-id {ckpt['args']['env_id']}")
