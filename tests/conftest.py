@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,3 +51,33 @@ def assert_command_line_error(script: str, flags: list[str], message: str) -> No
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
     assert not os.path.exists("runs")
+
+
+def assert_refused_before_writing(script, args, message: str) -> None:
+    """script.main(args) stops with one ConfigError matching `message` before it writes anything (in `in_tmp`)."""
+    with pytest.raises(script.ConfigError, match=message):
+        script.main(args)
+    assert not os.path.exists("runs")
+
+
+def assert_foreign_checkpoints_are_refused(script, tiny, short_run: dict, elsewhere: dict, elsewhere_message: str,
+                                           lacks: str) -> None:
+    """`--resume` refuses, with one ConfigError each and before anything is written, a file that is not a
+    checkpoint, a checkpoint of another script, and one of another version of this script (`lacks`: the start
+    of the list of what it misses); then a real checkpoint of a short run (`short_run`: its flags for `tiny`)
+    resumed with other `elsewhere` flags (another env or task) is refused with `elsewhere_message` and left as
+    it was. Run it inside `in_tmp`."""
+    name = script.SCRIPT
+    other = "maml_rl" if name != "maml_rl" else "rl2_recurrent"
+    with open("garbage.pt", "w") as f:
+        f.write("not a checkpoint")
+    torch.save({"script": other, "args": {}}, "other.pt")
+    torch.save({"script": name, "args": {}}, "old.pt")
+    for path, message in [("garbage.pt", "garbage.pt is not a readable checkpoint"),
+                          ("other.pt", f"written by {other}, not {name}.py"), ("old.pt", f"old.pt lacks {lacks}")]:
+        assert_refused_before_writing(script, tiny(resume=path), message)
+    checkpoint = os.path.join(script.main(tiny(**short_run))["run_dir"], f"{name}.pt")
+    before = os.path.getmtime(checkpoint)
+    with pytest.raises(script.ConfigError, match=elsewhere_message):
+        script.main(tiny(**elsewhere, resume=checkpoint))
+    assert os.path.getmtime(checkpoint) == before

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import context_ars_bo as mso
-from conftest import run_events
+from conftest import assert_foreign_checkpoints_are_refused, assert_refused_before_writing, run_events
 
 CPU = torch.device("cpu")
 
@@ -366,21 +366,12 @@ def test_baselines_run_with_their_own_policy_input(in_tmp, method, latent_dim):
     (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
-    with pytest.raises(mso.ConfigError, match=message):
-        mso.main(tiny(**overrides))
-    assert not os.path.exists("runs")
+    assert_refused_before_writing(mso, tiny(**overrides), message)
 
 
-def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
-    torch.save({"script": "maml_rl", "args": {}}, "other.pt")
-    with pytest.raises(mso.ConfigError, match="written by maml_rl, not context_ars_bo.py"):
-        mso.main(tiny(resume="other.pt"))
-    torch.save({"script": "context_ars_bo", "args": {"env_id": "InvertedPendulum-v5"}}, "old.pt")
-    with pytest.raises(mso.ConfigError, match="old.pt lacks theta, normaliser"):
-        mso.main(tiny(resume="old.pt"))
-    run_dir = mso.main(tiny(iterations=1))["run_dir"]
-    with pytest.raises(mso.ConfigError, match="is a run on --env-id InvertedPendulum-v5"):
-        mso.main(tiny(env_id="Hopper-v5", resume=os.path.join(run_dir, "context_ars_bo.pt")))
+def test_checkpoints_of_other_scripts_versions_or_envs_are_refused(in_tmp):
+    assert_foreign_checkpoints_are_refused(mso, tiny, dict(iterations=1), dict(env_id="Hopper-v5"),
+                                           "is a run on --env-id InvertedPendulum-v5", lacks="theta, normaliser")
 
 
 def test_hopper_defaults_run(in_tmp):

@@ -18,3 +18,13 @@ def test_pick_device_gives_cuda_devices_an_index_and_refuses_a_missing_one(scrip
     assert module.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(module.ConfigError, match="1 CUDA device"):
         module.pick_device("cuda:1")
+
+
+@pytest.mark.parametrize("script", ["rl2_recurrent", "maml_rl"])
+def test_env_copies_do_not_repeat_mujocos_compiler_warnings(script, capfd):
+    """The task families build one MuJoCo env per slot; its compiler warning is shown once, not once a slot."""
+    module = importlib.import_module(script)
+    module.HalfCheetahVel(4, 10)
+    assert capfd.readouterr().err.count("settotalmass") == 1  # the first env's, not one per slot
+    module.HalfCheetahVel(1, 10)  # MuJoCo's own warning handler is back afterwards
+    assert capfd.readouterr().err.count("settotalmass") == 1

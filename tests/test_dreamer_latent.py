@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import dreamer_latent as dreamer
-from conftest import assert_command_line_error, run_events
+from conftest import (assert_command_line_error, assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
+                      run_events)
 
 CPU = torch.device("cpu")
 
@@ -386,9 +387,7 @@ def test_replay_samples_consecutive_steps_of_one_stream_and_wraps_around():
     (dict(train_ratio=float("inf")), "--train-ratio must be a finite number"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
-    with pytest.raises(dreamer.ConfigError, match=message):
-        dreamer.main(tiny(**overrides))
-    assert not os.path.exists("runs")
+    assert_refused_before_writing(dreamer, tiny(**overrides), message)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dm_control") is not None, reason="dm_control is installed")
@@ -397,13 +396,10 @@ def test_a_dmc_id_without_dm_control_says_how_to_install_it(in_tmp):
         dreamer.main(tiny(env_id="dmc:walker-walk"))
 
 
-def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
-    torch.save({"script": "mbrl_ensemble", "args": {}}, "other.pt")
-    with pytest.raises(dreamer.ConfigError, match="written by mbrl_ensemble, not dreamer_latent.py"):
-        dreamer.main(tiny(resume="other.pt"))
-    run_dir = dreamer.main(tiny(total_timesteps=20, learning_starts=20, eval_episodes=0))["run_dir"]
-    with pytest.raises(dreamer.ConfigError, match="is a run on --env-id InvertedPendulum-v5"):
-        dreamer.main(tiny(env_id="Hopper-v5", resume=os.path.join(run_dir, "dreamer_latent.pt")))
+def test_checkpoints_of_other_scripts_versions_or_envs_are_refused(in_tmp):
+    short_run = dict(total_timesteps=20, learning_starts=20, eval_episodes=0)
+    assert_foreign_checkpoints_are_refused(dreamer, tiny, short_run, dict(env_id="Hopper-v5"),
+                                           "is a run on --env-id InvertedPendulum-v5", lacks="agent, optimizers")
 
 
 def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):

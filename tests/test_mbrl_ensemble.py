@@ -10,7 +10,8 @@ import torch
 import tyro
 
 import mbrl_ensemble as mbpo
-from conftest import assert_command_line_error, heteroscedastic_data, run_events
+from conftest import (assert_command_line_error, assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
+                      heteroscedastic_data, run_events)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,18 +405,12 @@ def test_model_rollouts_never_start_from_terminal_states_of_a_terminating_env(in
     (dict(device="meta"), "runs on cpu or cuda"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
-    with pytest.raises(mbpo.ConfigError, match=message):
-        mbpo.main(tiny(**overrides))
-    assert not os.path.exists("runs")
+    assert_refused_before_writing(mbpo, tiny(**overrides), message)
 
 
-def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
-    torch.save({"script": "mbrl_mpc", "args": {}}, "other.pt")
-    with pytest.raises(mbpo.ConfigError, match="written by mbrl_mpc, not mbrl_ensemble.py"):
-        mbpo.main(tiny(resume="other.pt"))
-    run_dir = mbpo.main(tiny(total_timesteps=70))["run_dir"]
-    with pytest.raises(mbpo.ConfigError, match="is a run on InvertedPendulum-v5"):
-        mbpo.main(tiny(env_id="Hopper-v5", resume=os.path.join(run_dir, "mbrl_ensemble.pt")))
+def test_checkpoints_of_other_scripts_versions_or_envs_are_refused(in_tmp):
+    assert_foreign_checkpoints_are_refused(mbpo, tiny, dict(total_timesteps=70), dict(env_id="Hopper-v5"),
+                                           "is a run on InvertedPendulum-v5", lacks="agent, model")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="moviepy is an optional extra")

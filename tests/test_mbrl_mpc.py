@@ -9,7 +9,8 @@ import torch
 
 
 import mbrl_mpc as mpc
-from conftest import assert_command_line_error, heteroscedastic_data, run_events
+from conftest import (assert_command_line_error, assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
+                      heteroscedastic_data, run_events)
 
 # ----------------------------------------------------------------------------------------------------
 # Planners on a linear system with quadratic cost: x' = A x + B u, r = -(|x'|^2 + 0.1 u^2)
@@ -340,25 +341,12 @@ def test_same_seed_same_returns_and_resume_equals_an_uninterrupted_run(in_tmp):
     (dict(init_random_episodes=0), "the first model needs data"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
-    with pytest.raises(mpc.ConfigError, match=message):
-        mpc.main(tiny(**overrides))
-    assert not os.path.exists("runs")
+    assert_refused_before_writing(mpc, tiny(**overrides), message)
 
 
-def test_checkpoints_of_other_scripts_or_envs_are_refused(in_tmp):
-    torch.save({"script": "mbrl_ensemble", "args": {}}, "other.pt")
-    with pytest.raises(mpc.ConfigError, match="written by mbrl_ensemble, not mbrl_mpc.py"):
-        mpc.main(tiny(resume="other.pt"))
-    with open("garbage.pt", "w") as f:
-        f.write("not a checkpoint")
-    with pytest.raises(mpc.ConfigError, match="not a readable checkpoint"):
-        mpc.main(tiny(resume="garbage.pt"))
-    run_dir = mpc.main(tiny(total_timesteps=20))["run_dir"]
-    checkpoint = os.path.join(run_dir, "mbrl_mpc.pt")
-    before = os.path.getmtime(checkpoint)
-    with pytest.raises(mpc.ConfigError, match="is a run on InvertedPendulum-v5"):
-        mpc.main(tiny(env_id="HalfCheetah-v5", resume=checkpoint))
-    assert os.path.getmtime(checkpoint) == before
+def test_checkpoints_of_other_scripts_versions_or_envs_are_refused(in_tmp):
+    assert_foreign_checkpoints_are_refused(mpc, tiny, dict(total_timesteps=20), dict(env_id="HalfCheetah-v5"),
+                                           "is a run on InvertedPendulum-v5", lacks="model, optimizer, data")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="moviepy is an optional extra")

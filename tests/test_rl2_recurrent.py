@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rl2_recurrent as rl2
-from conftest import run_events
+from conftest import assert_foreign_checkpoints_are_refused, assert_refused_before_writing, run_events
 
 CPU = torch.device("cpu")
 
@@ -177,13 +177,6 @@ def test_resume_keeps_the_observation_and_return_statistics(in_tmp):
     assert straight["policy"].return_rms.count > 100
 
 
-def test_env_copies_do_not_repeat_mujocos_compiler_warnings(capfd):
-    rl2.HalfCheetahVel(4, 10)
-    assert capfd.readouterr().err.count("settotalmass") == 1  # the first env's, not one per slot
-    rl2.HalfCheetahVel(1, 10)  # MuJoCo's own warning handler is back afterwards
-    assert capfd.readouterr().err.count("settotalmass") == 1
-
-
 @pytest.mark.parametrize("task", ["HalfCheetahVel", "HalfCheetahDir", "AntDir", "navigation2d"])
 def test_every_task_family_runs(in_tmp, task):
     result = rl2.main(tiny(task=task, total_timesteps=40, num_trials=2, num_minibatches=1, episode_length=10,
@@ -207,9 +200,7 @@ def test_every_task_family_runs(in_tmp, task):
     (dict(device="cuda:7" if not torch.cuda.is_available() else "nonsense"), "--device"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_is_written(in_tmp, overrides, message):
-    with pytest.raises(rl2.ConfigError, match=message):
-        rl2.main(tiny(**overrides))
-    assert not os.path.exists("runs")
+    assert_refused_before_writing(rl2, tiny(**overrides), message)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="moviepy is an optional extra")
@@ -219,16 +210,9 @@ def test_capture_video_records_a_meta_test_trial(in_tmp):
     assert os.listdir(os.path.join(run_dir, "videos")) == ["meta_test_trial.mp4"]
 
 
-def test_checkpoints_of_other_scripts_or_tasks_are_refused(in_tmp):
-    torch.save({"script": "maml_rl", "args": {}}, "other.pt")
-    with pytest.raises(rl2.ConfigError, match="written by maml_rl, not rl2_recurrent.py"):
-        rl2.main(tiny(resume="other.pt"))
-    torch.save({"script": "rl2_recurrent", "args": {"task": "bandit"}}, "old.pt")
-    with pytest.raises(rl2.ConfigError, match="old.pt lacks policy, optimizer"):
-        rl2.main(tiny(resume="old.pt"))
-    run_dir = rl2.main(tiny(total_timesteps=80))["run_dir"]
-    with pytest.raises(rl2.ConfigError, match="is a run on --task bandit"):
-        rl2.main(tiny(task="navigation2d", resume=os.path.join(run_dir, "rl2_recurrent.pt")))
+def test_checkpoints_of_other_scripts_versions_or_tasks_are_refused(in_tmp):
+    assert_foreign_checkpoints_are_refused(rl2, tiny, dict(total_timesteps=80), dict(task="navigation2d"),
+                                           "is a run on --task bandit", lacks="policy, optimizer")
 
 
 # ----------------------------------------------------------------------------------------------------
