@@ -61,6 +61,8 @@ Where this script differs from the paper and garage's RL2PPO (rlworkgroup/garage
     gamma 0.99, GRU 128, clipped-ratio SGD with a KL line search (mean KL 0.01); our bandit default is 5M.
   - Meta-test trials act greedily (argmax / mean action, this project's evaluation convention); training
     trials sample. `eval/return` is the meta-test return of a trial's last episode.
+  - A task family holds one task per parallel env slot, so it has `sample_tasks(n, rng)` and a batched
+    `set_tasks(tasks)` (one row per slot) in place of garage's per-env `sample_tasks` / `set_task(task)`.
 """
 
 import importlib.util

@@ -4,6 +4,8 @@ import importlib
 import pytest
 import torch
 
+from conftest import assert_command_line_error
+
 
 @pytest.mark.parametrize("script", ["mbrl_mpc", "mbrl_ensemble", "dreamer_latent"])
 def test_pick_device_gives_cuda_devices_an_index_and_refuses_a_missing_one(script, monkeypatch):
@@ -28,3 +30,15 @@ def test_env_copies_do_not_repeat_mujocos_compiler_warnings(script, capfd):
     assert capfd.readouterr().err.count("settotalmass") == 1  # the first env's, not one per slot
     module.HalfCheetahVel(1, 10)  # MuJoCo's own warning handler is back afterwards
     assert capfd.readouterr().err.count("settotalmass") == 1
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("mbrl_mpc.py", ["--env-id", "CartPole-v1"], "CartPole-v1 has Discrete actions"),
+    ("mbrl_ensemble.py", ["--real-ratio", "2"], "--real-ratio must be in [0, 1]"),
+    ("dreamer_latent.py", ["--image-size", "48"], "--image-size must be a power of two"),
+    ("rl2_recurrent.py", ["--task", "CartPole-v1"], "unknown --task CartPole-v1"),
+    ("maml_rl.py", ["--task", "CartPole-v1"], "--task CartPole-v1 has discrete actions"),
+    ("context_ars_bo.py", ["--env-id", "CartPole-v1"], "--env-id CartPole-v1 has Discrete actions"),
+])
+def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp, script, flags, message):
+    assert_command_line_error(script, flags, message)

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import dreamer_latent as dreamer
-from conftest import (assert_command_line_error, assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
-                      run_events)
+from conftest import assert_foreign_checkpoints_are_refused, assert_refused_before_writing, run_events
 
 CPU = torch.device("cpu")
 
@@ -400,10 +399,6 @@ def test_checkpoints_of_other_scripts_versions_or_envs_are_refused(in_tmp):
     short_run = dict(total_timesteps=20, learning_starts=20, eval_episodes=0)
     assert_foreign_checkpoints_are_refused(dreamer, tiny, short_run, dict(env_id="Hopper-v5"),
                                            "is a run on --env-id InvertedPendulum-v5", lacks="agent, optimizers")
-
-
-def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
-    assert_command_line_error("dreamer_latent.py", ["--image-size", "48"], "--image-size must be a power of two")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="--capture-video needs moviepy (an extra)")

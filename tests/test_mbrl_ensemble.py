@@ -10,7 +10,7 @@ import torch
 import tyro
 
 import mbrl_ensemble as mbpo
-from conftest import (assert_command_line_error, assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
+from conftest import (assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
                       heteroscedastic_data, run_events)
 
 
@@ -418,10 +418,6 @@ def test_capture_video_records_the_final_evaluation_episodes(in_tmp):
     run_dir = mbpo.main(tiny(total_timesteps=70, eval_episodes=2, capture_video=True, save_model=False))["run_dir"]
     videos = sorted(f for f in os.listdir(os.path.join(run_dir, "videos")) if f.endswith(".mp4"))
     assert videos == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4"]
-
-
-def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
-    assert_command_line_error("mbrl_ensemble.py", ["--real-ratio", "2"], "--real-ratio must be in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 
 import mbrl_mpc as mpc
-from conftest import (assert_command_line_error, assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
+from conftest import (assert_foreign_checkpoints_are_refused, assert_refused_before_writing,
                       heteroscedastic_data, run_events)
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,10 +354,6 @@ def test_capture_video_records_each_evaluation_episode(in_tmp):
     run_dir = mpc.main(tiny(total_timesteps=40, eval_episodes=2, capture_video=True))["run_dir"]
     videos = sorted(f for f in os.listdir(os.path.join(run_dir, "videos")) if f.endswith(".mp4"))
     assert videos == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4"]
-
-
-def test_command_line_error_is_one_line_and_nonzero_exit(in_tmp):
-    assert_command_line_error("mbrl_mpc.py", ["--env-id", "CartPole-v1"], "CartPole-v1 has Discrete actions")
 
 
 # ----------------------------------------------------------------------------------------------------
