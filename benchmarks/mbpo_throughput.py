@@ -30,10 +30,10 @@ PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 
 
 def time_ours(env_id: str, steps: int, updates: int, hidden: int, device: str, seed: int,
-              model_max_epochs: Optional[int] = None) -> tuple[float, dict]:
+              model_max_epochs: Optional[int] = None, model_patience: int = 5) -> tuple[float, dict]:
     args = mbpo.with_env_defaults(mbpo.Args(env_id=env_id, device=device, seed=seed, updates_per_step=updates,
                                             sac_hidden_size=hidden, save_model=False, eval_episodes=0,
-                                            model_max_epochs=model_max_epochs))
+                                            model_max_epochs=model_max_epochs, model_patience=model_patience))
     args = mbpo.Args(**{**args.__dict__, "total_timesteps": args.init_exploration_steps + steps})
     start = time.perf_counter()
     result = mbpo.main(args)
@@ -72,15 +72,19 @@ def main():
                         help="cap ours' model training at this many epochs (default: train to early stop, the "
                              "official rule: more than 5 epochs without a 1 %% held-out improvement; mbrl-lib stops "
                              "after 5)")
+    parser.add_argument("--model-patience", type=int, default=5,
+                        help="ours' model training stops after more than this many epochs without a 1 %% held-out "
+                             "improvement (official MBPO: 5, i.e. after 6 such epochs); 4 stops after 5, mbrl-lib's "
+                             "rule (its patience 5 stops at epochs_since_update >= 5), so both do the same model work")
     parser.add_argument("--csv", default=None, help="append the results to this CSV file")
     opts = parser.parse_args()
     n1, n2 = opts.steps
     ours, peer, breakdown = [], [], {}
     for round_ in range(opts.rounds):
         t1, _ = time_ours(opts.env_id, n1, opts.updates_per_step, opts.sac_hidden, opts.device, round_,
-                          opts.model_max_epochs)
+                          opts.model_max_epochs, opts.model_patience)
         t2, breakdown = time_ours(opts.env_id, n2, opts.updates_per_step, opts.sac_hidden, opts.device, round_,
-                                  opts.model_max_epochs)
+                                  opts.model_max_epochs, opts.model_patience)
         ours.append((t2 - t1) / (n2 - n1))
         print(f"round {round_}: ours {t1:.0f} s / {t2:.0f} s -> {ours[-1]:.3f} s per step; breakdown of the "
               f"{n2}-step run: " + ", ".join(f"{k} {v:.0f} s" for k, v in breakdown.items()), flush=True)
@@ -92,6 +96,7 @@ def main():
     rows = [("mbrl_ensemble", statistics.median(ours))] + ([("mbrl-lib", statistics.median(peer))] if peer else [])
     where = hardware(opts.device)
     cap = f", ours' model training capped at {opts.model_max_epochs} epochs" if opts.model_max_epochs else ""
+    cap += f", ours' model patience {opts.model_patience}" if opts.model_patience != 5 else ""
     print(f"\n{opts.env_id}, G={opts.updates_per_step}, SAC width {opts.sac_hidden}{cap}, {where}")
     for name, seconds in rows:
         print(f"  {name:14s} {seconds:.3f} s per env step = {1 / seconds:.1f} env steps/s")
@@ -103,10 +108,10 @@ def main():
             writer = csv.writer(f)
             if new:
                 writer.writerow(["impl", "env", "updates_per_step", "sac_hidden", "s_per_step", "steps_per_s",
-                                 "rounds", "hardware", "ours_model_max_epochs"])
+                                 "rounds", "hardware", "ours_model_max_epochs", "ours_model_patience"])
             for name, seconds in rows:
                 writer.writerow([name, opts.env_id, opts.updates_per_step, opts.sac_hidden, f"{seconds:.4f}",
-                                 f"{1 / seconds:.2f}", opts.rounds, where, opts.model_max_epochs or ""])
+                                 f"{1 / seconds:.2f}", opts.rounds, where, opts.model_max_epochs or "", opts.model_patience])
 
 
 if __name__ == "__main__":
