@@ -14,7 +14,8 @@ gives SAC many more transitions than the real ones.
 
 Headline benchmark (MBPO Hopper, 125k steps):  python mbrl_ensemble.py --env-id Hopper-v5
 Per-env settings of the official config (jannerm/mbpo examples/config) are picked by --env-id:
-Hopper, Walker2d, HalfCheetah, Ant, Humanoid, InvertedPendulum (v5); any flag overrides them.
+Hopper, Walker2d, HalfCheetah, Ant, Humanoid, InvertedPendulum, InvertedDoublePendulum (v5); any flag
+overrides them.
 Small CPU configuration (the official InvertedPendulum config, ~6 minutes on 2 cores):
     python mbrl_ensemble.py --env-id InvertedPendulum-v5 --total-timesteps 3000
     (seed 1: mean-action return 1000/1000 from step 2250 on; docs/mbrl_ensemble.md)
@@ -30,6 +31,11 @@ Where this script differs from the official MBPO code (TF1 on gym v2) and why:
     so each step costs one batched forward of the elites instead of all 7 members on every state.
   - `--total-timesteps` counts the 5000 random warm-up steps: Hopper's 125 000 are 120 epochs of 1000 steps
     after them (the official run makes its 125 epochs after the warm-up).
+  - Actions are stored and given to the critics in the env's units; softlearning rescaled them to [-1, 1]
+    first. The same for Hopper, Walker2d, HalfCheetah and Ant (bounds +-1); the critics of Humanoid (+-0.4)
+    and InvertedPendulum (+-3) see differently scaled action inputs (the models normalise their inputs).
+  - InvertedPendulum and InvertedDoublePendulum take the 500 random warm-up steps of their official config
+    files; the official launcher (examples/development/base.py) may merge its MBPO default of 5000 over them.
   - An env id without a known termination rule (e.g. Hopper-v4, whose observations may differ) runs with
     model rollouts that never terminate, with a note on stderr.
   - Checkpoints are written at episode ends (so a resumed run repeats an uninterrupted one exactly);
@@ -37,7 +43,7 @@ Where this script differs from the official MBPO code (TF1 on gym v2) and why:
 Speed (docs/mbrl_ensemble.md): on an NVIDIA H200 the G SAC updates of an env step run as one CUDA graph,
 0.51 ms per update instead of 4.7 (Hopper 47 env steps/s); on 2 CPU cores 1.74x to 1.94x mbrl-lib's env steps/s
 in three runs (Hopper, G = 20, SAC width 256, mbrl-lib given the replay buffer of a real run; 1.94x with nothing
-else running), short of the 2x goal.
+else running), 1.84x with mbrl-lib's model stopping rule (`--model-patience 4`), short of the 2x goal.
 """
 
 import copy
@@ -173,6 +179,8 @@ ENV_DEFAULTS: dict[str, dict] = {
                         target_entropy=-2.0, model_hidden_size=400, model_train_freq=1000, model_retain_epochs=5),
     "InvertedPendulum-v5": dict(total_timesteps=20_000, updates_per_step=10, rollout_schedule=(1, 15, 1, 1),
                                 target_entropy=-0.05, epoch_length=250, init_exploration_steps=500),
+    "InvertedDoublePendulum-v5": dict(total_timesteps=20_000, updates_per_step=20, rollout_schedule=(1, 15, 1, 1),
+                                      target_entropy=-0.5, epoch_length=250, init_exploration_steps=500),
 }
 GENERIC_DEFAULTS = dict(total_timesteps=100_000, epoch_length=1000, init_exploration_steps=5000, updates_per_step=20,
                         rollout_schedule=(20, 150, 1, 1), target_entropy=None, model_hidden_size=200,

@@ -317,6 +317,9 @@ def test_env_id_picks_the_official_config_and_any_flag_overrides_it():
     pendulum = mbpo.with_env_defaults(mbpo.Args(env_id="InvertedPendulum-v5"))
     assert (pendulum.epoch_length, pendulum.init_exploration_steps, pendulum.updates_per_step,
             pendulum.target_entropy) == (250, 500, 10, -0.05)
+    double = mbpo.with_env_defaults(mbpo.Args(env_id="InvertedDoublePendulum-v5"))
+    assert (double.epoch_length, double.init_exploration_steps, double.updates_per_step, double.rollout_schedule,
+            double.target_entropy) == (250, 500, 20, (1, 15, 1, 1), -0.5)
     override = mbpo.with_env_defaults(tyro.cli(mbpo.Args, args=["--env-id", "Hopper-v5", "--updates-per-step", "5",
                                                                 "--rollout-schedule", "1", "2", "3", "4"]))
     assert (override.updates_per_step, override.rollout_schedule, override.target_entropy) == (5, (1, 2, 3, 4), -1.0)
