@@ -614,8 +614,8 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, action_low: np.ndarray, action_high: np.ndarray):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 2 * act_dim))
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, 2 * act_dim))
         for layer in self.net[::2]:
             glorot_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -625,13 +625,14 @@ class Actor(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampled action and its log-probability log pi(a | s) (reparameterised)."""
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        std = log_std.clamp(-20, 2).exp()  # softlearning's bounds
-        u = mean + std * torch.randn_like(mean)
-        squashed = torch.tanh(u)
-        # log N(u) - sum log |d tanh(u) / d u|, with d tanh(u) / d u = 1 - tanh(u)^2 written stably
-        log_prob = (-0.5 * ((u - mean) / std).pow(2) - std.log() - 0.5 * math.log(2 * math.pi)
-                    - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
-        return squashed * self.action_scale + self.action_bias, log_prob
+        log_std = log_std.clamp(-20, 2)  # softlearning's bounds
+        noise = torch.randn_like(mean)
+        u = mean + log_std.exp() * noise
+        # log N(u | mean, std) - sum log |d tanh(u) / d u|, with (u - mean) / std = noise and
+        # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) written stably; the constants summed once
+        log_prob = ((2 * (u + F.softplus(-2 * u)) - 0.5 * noise.pow(2) - log_std).sum(-1)
+                    - mean.shape[-1] * (0.5 * math.log(2 * math.pi) + 2 * math.log(2)))
+        return torch.tanh(u) * self.action_scale + self.action_bias, log_prob
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         mean, _ = self.net(obs).chunk(2, dim=-1)
@@ -656,7 +657,7 @@ class TwinCritic(nn.Module):
                 weight, bias = weight.detach(), bias.detach()
             x = torch.baddbmm(bias, x, weight)
             if i < len(self.weights) - 1:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)  # baddbmm's backward needs its inputs, not its output
         return x[..., 0]
 
 
