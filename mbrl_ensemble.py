@@ -43,7 +43,8 @@ Where this script differs from the official MBPO code (TF1 on gym v2) and why:
 Speed (docs/mbrl_ensemble.md): on an NVIDIA H200 the G SAC updates of an env step run as one CUDA graph,
 0.51 ms per update instead of 4.7 (Hopper 47 env steps/s); on 2 CPU cores 1.74x to 1.94x mbrl-lib's env steps/s
 in three runs (Hopper, G = 20, SAC width 256, mbrl-lib given the replay buffer of a real run; 1.94x with nothing
-else running), 1.84x with mbrl-lib's model stopping rule (`--model-patience 4`), short of the 2x goal.
+else running), 1.84x and 1.90x in two runs with mbrl-lib's model stopping rule (`--model-patience 4`), short of
+the 2x goal.
 """
 
 import copy

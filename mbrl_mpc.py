@@ -37,9 +37,10 @@ Where this script differs from PETS (kchua/handful-of-trials) and why:
     zeros; the same for the symmetric bounds of the MuJoCo tasks, and inside the bounds for any others).
   - Checkpoints are written at episode ends (a crash loses at most the current episode).
 Speed, measured side by side with mbrl-lib 0.2.0 on a 2-core AMD EPYC with nothing else running
-(docs/mbrl_mpc.md, benchmarks/planner_speed.py): PETS paper planner 4.0 s/action vs 5.5 s (1.37x), 99 GFLOP/s;
-the CPU configuration's planner 82 ms/action vs 99 ms (1.20x). Beside other jobs the gaps were larger (1.64x,
-1.35x), because mbrl-lib's planner slows down more than ours on a busy machine.
+(docs/mbrl_mpc.md, benchmarks/planner_speed.py): PETS paper planner 4.0 s/action vs 5.5 s (1.37x), 99 GFLOP/s,
+and 3.8 vs 5.3 s (1.41x) on another day; the CPU configuration's planner 82 ms/action vs 99 ms (1.20x), and 62 vs
+82 ms (1.34x) on that other day. Beside other jobs the gaps were larger (1.64x, 1.35x), because mbrl-lib's planner
+slows down more than ours on a busy machine.
 On an NVIDIA H200, with each planning step replayed as a CUDA graph (`--cuda-graph`, default on CUDA):
 32 ms/action vs mbrl-lib's 184 ms on the same GPU (5.7x).
 """
