@@ -426,15 +426,28 @@ class DynamicsEnsemble(nn.Module):
         return obs + out[:, :-1], out[:, -1]
 
 
-def model_loss(model: DynamicsEnsemble, x: torch.Tensor, y: torch.Tensor, weight_decays) -> torch.Tensor:
-    """Gaussian NLL summed over members + soft-bound penalty + L2 per layer (PETS/MBPO)."""
+def model_loss(model: DynamicsEnsemble, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gaussian NLL summed over members + soft-bound penalty (PETS/MBPO); the loss's third term, the per-layer
+    L2, enters through its gradient (add_weight_decay_grads)."""
     mean, logvar = model(x)
     # -log N(y | mean, exp(logvar)) up to constants and a factor 1/2, averaged over rows and dimensions
     loss = ((mean - y).pow(2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2)).sum()
-    loss = loss + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+    return loss + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+
+
+def weight_decay_loss(model: DynamicsEnsemble, weight_decays) -> torch.Tensor:
+    """The L2 term of the MBPO loss, sum_l wd_l / 2 ||W_l||^2 (biases and log-variance bounds not decayed)."""
+    return sum(wd * 0.5 * weight.pow(2).sum() for wd, weight in zip(weight_decays, model.weights))
+
+
+@torch.no_grad()
+def add_weight_decay_grads(model: DynamicsEnsemble, weight_decays) -> None:
+    """After backward of model_loss: add the L2 term's gradient wd_l W_l to each layer's weight gradient. Adam then
+    steps on the gradient of the whole loss, as if autograd had differentiated weight_decay_loss (the same
+    weights to ~1e-7), but with 5 in-place adds instead of ~30 autograd ops: 8 % less time per model minibatch
+    (docs/mbrl_ensemble.md)."""
     for wd, weight in zip(weight_decays, model.weights):
-        loss = loss + wd * 0.5 * weight.pow(2).sum()
-    return loss
+        weight.grad.add_(weight, alpha=wd)
 
 
 class HoldoutStopping:
@@ -492,9 +505,10 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, input
         shuffled = bootstrap.gather(1, torch.argsort(torch.rand(E, n_train, device=device), dim=1))
         for start in range(0, n_train, args.model_batch_size):
             idx = shuffled[:, start:start + args.model_batch_size]  # [E, B]
-            loss = model_loss(model, x_all[idx], y_all[idx], weight_decays)
+            loss = model_loss(model, x_all[idx], y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            add_weight_decay_grads(model, weight_decays)
             optimizer.step()
             losses.append(loss.detach())
         epoch += 1
@@ -513,8 +527,10 @@ def train_model(model: DynamicsEnsemble, optimizer: torch.optim.Optimizer, input
                 param.copy_(saved)
     final = holdout_mse().cpu() if n_holdout else torch.zeros(E)
     elites = torch.argsort(final)[:args.num_elites].to(device)
-    metrics = {"losses/model_loss": torch.stack(losses).mean().item(), "model/train_epochs": epoch,
-               "model/holdout_mse": final[elites.cpu()].mean().item()}  # mean over the elites
+    # model_loss: the minibatches' mean NLL + bound penalty; model_weight_decay: the L2 term at the end
+    metrics = {"losses/model_loss": torch.stack(losses).mean().item(),
+               "losses/model_weight_decay": weight_decay_loss(model, weight_decays).item(),
+               "model/train_epochs": epoch, "model/holdout_mse": final[elites.cpu()].mean().item()}  # elites' mean
     return elites, metrics
 
 

@@ -1,5 +1,6 @@
 """Tests of mbrl_ensemble.py (MBPO): the ensemble on a known noisy system and its elites, the rollout schedule,
 branched rollouts and terminations, SAC's pieces, per-env defaults, smoke/resume/bad input, and learning."""
+import copy
 import importlib.util
 import os
 
@@ -114,7 +115,28 @@ def test_model_loss_is_the_gaussian_nll_with_bound_penalty_and_weight_decay():
         nll = sum(((mean[e] - y[e]) ** 2 / logvar[e].exp() + logvar[e]).mean() for e in range(3))
         penalty = 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
         l2 = sum(d * 0.5 * (w**2).sum() for d, w in zip(decays, model.weights))
-    assert torch.allclose(mbpo.model_loss(model, x, y, decays), nll + penalty + l2)
+    assert torch.allclose(mbpo.model_loss(model, x, y), nll + penalty)
+    assert torch.allclose(mbpo.weight_decay_loss(model, decays), l2)
+
+
+def test_weight_decay_through_its_gradient_gives_the_steps_of_differentiating_the_whole_loss():
+    torch.manual_seed(0)
+    model = mbpo.DynamicsEnsemble(2, 1, 3, 16, 2)
+    x, y = torch.randn(3, 10, 3), torch.randn(3, 10, 3)
+    decays = (0.5, 1.0, 2.0)  # large enough that Adam's normalised steps differ by far more than 1e-6 without them
+    reference = copy.deepcopy(model)
+    ours_adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reference_adam = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    for _ in range(3):
+        ours_adam.zero_grad()
+        mbpo.model_loss(model, x, y).backward()
+        mbpo.add_weight_decay_grads(model, decays)
+        ours_adam.step()
+        reference_adam.zero_grad()
+        (mbpo.model_loss(reference, x, y) + mbpo.weight_decay_loss(reference, decays)).backward()
+        reference_adam.step()
+    for ours, expected in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(ours, expected, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,8 +368,8 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(in_tmp):
     events = run_events(run_dir, "mbrl_ensemble")
     assert first["global_step"] == 200
     assert {"charts/episodic_return", "charts/SPS", "eval/return", "model/holdout_mse", "model/rollout_length",
-            "losses/model_loss", "losses/qf_loss", "losses/actor_loss", "losses/alpha", "losses/qf_values",
-            "losses/qf_target", "losses/entropy", "eval/discounted_return", "eval/q_start",
+            "losses/model_loss", "losses/model_weight_decay", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
+            "losses/qf_values", "losses/qf_target", "losses/entropy", "eval/discounted_return", "eval/q_start",
             "time/sac_s"} <= set(events.Tags()["scalars"])
     assert [e.value for e in events.Scalars("model/rollout_length")][-1] == 3  # epoch 3 > b = 2: k = y
     logged = [e.step for e in events.Scalars("eval/return")]
